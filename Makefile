@@ -1,0 +1,29 @@
+# The README's contract: `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Every pip call goes through the constraints file so torch stays the local CPU 2.13.0 wheel.
+PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip
+EXTRAS ?= dev
+SPEC ?= examples/quickstart.yaml
+RUN_ARGS ?=
+
+.PHONY: run test install clean
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+run: install
+	$(VENV)/bin/meshyard launch $(SPEC) $(RUN_ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,100 @@
+"""Checkpoints through torch.distributed.checkpoint (DCP), complete or invisible.
+
+Layout of `<run>/checkpoints/`:
+    step_00000010/      model + optimizer (DCP shards), rank<r>.pt (step, scheduler, RNG), manifest.json
+    .partial-step_...   being written; never loaded, removed at the next start
+    latest              name of the newest complete checkpoint, swapped atomically
+
+Every rank writes into the partial directory; after a barrier rank 0 writes the manifest and renames
+the directory, so a reader either sees a whole checkpoint or none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+PARTIAL_PREFIX = ".partial-"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint: the `latest` pointer, else the highest complete step dir."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+    return complete[-1] if complete else None
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep: int, rank: int, world_size: int, barrier: Callable[[], None]) -> None:
+        self.root, self.keep, self.rank, self.world_size, self.barrier = root, keep, rank, world_size, barrier
+
+    def remove_partials(self) -> None:
+        """Drop directories left by an interrupted save. Call before any rank starts saving."""
+        if self.rank == 0 and self.root.is_dir():
+            for partial in self.root.glob(PARTIAL_PREFIX + "*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        self.barrier()
+
+    def save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        final = self.root / step_dir_name(step)
+        partial = self.root / (PARTIAL_PREFIX + final.name)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        self.barrier()
+        dcp.save(state, checkpoint_id=partial)
+        torch.save(rank_state, partial / f"rank{self.rank}.pt")
+        self.barrier()
+        if self.rank == 0:
+            self._publish(partial, final, step)
+        self.barrier()
+        return final
+
+    def load(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """Fill `state` in place from `path`; return this rank's own extra state (RNG, scheduler)."""
+        dcp.load(state, checkpoint_id=path)
+        own = path / f"rank{self.rank}.pt"
+        # A checkpoint from a different world size has no file for new ranks: take rank 0's
+        # step and schedule (identical on every rank); only the RNG stream then differs.
+        return torch.load(own if own.is_file() else path / "rank0.pt", weights_only=True)
+
+    def _publish(self, partial: Path, final: Path, step: int) -> None:
+        files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}
+        manifest = {"step": step, "world_size": self.world_size, "files": files}
+        _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
+        if final.exists():  # re-saving the same step (e.g. a resumed run that stops where it resumed)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(self.root / LATEST, final.name)
+        self._prune()
+
+    def _prune(self) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if is_complete(p))
+        for old in complete[: max(0, len(complete) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

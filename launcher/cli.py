@@ -1,0 +1,104 @@
+"""`meshyard` command line: launch, plan, validate, schema.
+
+User errors print one line (`error: <field or file>: <what is allowed>`) and exit 2; a failed launch
+prints each failing rank's error and exits 1; Ctrl-C stops every process of the job and exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from launcher.errors import EXIT_USER_ERROR, LaunchError, UserError
+
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshyard", description="One YAML job spec -> a distributed PyTorch training run."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("spec", help="job spec YAML file")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a spec field, e.g. --set optimizer.lr=0.01 (repeatable)")
+        return sub
+
+    launch = with_spec("launch", "train the job: start the processes and wait for them")
+    launch.add_argument("--executor", default="local", help="how processes start (default: local)")
+    with_spec("plan", "print the plan and the exact command a launch would run; starts nothing")
+    with_spec("validate", "check a spec file (fields, types, ranges, importable targets)")
+    commands.add_parser("schema", help="print the job spec's JSON Schema", description="print the job spec's JSON Schema")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        for rank, error in sorted(exc.failures.items()):
+            print(f"  rank {rank}: " + error.replace("\n", "\n    "), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: every process of the job was stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from launcher.spec import JobSpec
+
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from launcher.session import prepare
+
+    session = prepare(args.spec, args.overrides)
+    print(f"{args.spec}: ok ({session.plan.world_size} process(es), strategy {session.plan.strategy})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.session import prepare
+
+    session = prepare(args.spec, args.overrides)
+    print(session.plan.describe())
+    print(f"run directory    {session.run_dir}")
+    print("command (local executor):")
+    print(session.dry_run("local").render())
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from launcher.executors import get_executor
+    from launcher.session import prepare
+
+    executor = get_executor(args.executor)  # fail on a bad name before any work
+    session = prepare(args.spec, args.overrides)
+    session.check_resume()
+    print(session.plan.describe(), flush=True)
+    request = session.dry_run(args.executor)
+    session.write_spec()
+    print(f"launching: {' '.join(request.argv)}", flush=True)
+    executor.run(request)
+    summary = session.run_dir / "summary.json"
+    if summary.is_file():
+        print(f"summary: {summary}")
+    return 0
+
+
+COMMANDS = {"schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

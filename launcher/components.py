@@ -1,0 +1,52 @@
+"""Build the user's components from the spec: model factory, datasets, loss function."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from launcher.imports import resolve
+from launcher.spec.schema import ComponentSpec, DataSpec, JobSpec
+
+BUILTIN_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": F.mse_loss,
+    "cross_entropy": F.cross_entropy,
+}
+
+
+def check_targets(spec: JobSpec) -> None:
+    """Fail before any process starts if a target does not import (raises SpecError)."""
+    resolve(spec.model.target, "model.target")
+    resolve(spec.data.target, "data.target")
+    if spec.loss not in BUILTIN_LOSSES:
+        resolve(spec.loss, "loss")
+
+
+def model_factory(spec: ComponentSpec) -> Callable[[], nn.Module]:
+    build = resolve(spec.target, "model.target")
+
+    def build_model() -> nn.Module:
+        model = build(**spec.kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model.target {spec.target} returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    return build_model
+
+
+def build_datasets(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
+    """(train, eval or None). The eval split is the same factory with `eval_kwargs` merged in."""
+    build = resolve(spec.target, "data.target")
+    train = build(**spec.kwargs)
+    evaluation = build(**{**spec.kwargs, **spec.eval_kwargs}) if spec.eval_kwargs is not None else None
+    for split in (train, evaluation):
+        if split is not None and not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
+            raise TypeError(f"data.target {spec.target} must return a map-style Dataset (__getitem__ and __len__)")
+    return train, evaluation
+
+
+def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return BUILTIN_LOSSES.get(name) or resolve(name, "loss")

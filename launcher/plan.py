@@ -1,0 +1,97 @@
+"""Pure planning: spec -> world size, mesh degrees, batch identity, device. No processes, no torch.
+
+Every value the user did not write down is recorded in `Plan.inferred`, so `meshyard plan` can say
+what was chosen and why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launcher.errors import PlanError
+from launcher.spec.schema import JobSpec
+
+IMPLEMENTED_STRATEGIES = ("single", "ddp")
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    nodes: int
+    procs_per_node: int
+    dp_degree: int
+    tp_degree: int
+    pp_degree: int
+    strategy: str
+    device: str
+    backend: str
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+    inferred: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        lines = [
+            f"world size       {self.world_size} = {self.nodes} node(s) x {self.procs_per_node} process(es)",
+            f"mesh             data {self.dp_degree} x tensor {self.tp_degree} x pipeline {self.pp_degree}",
+            f"strategy         {self.strategy}",
+            f"device/backend   {self.device}/{self.backend}",
+            f"global batch     {self.global_batch_size} = micro-batch {self.micro_batch_size}"
+            f" x accumulation {self.grad_accum_steps} x data-parallel {self.dp_degree}",
+        ]
+        lines += [f"inferred         {note}" for note in self.inferred]
+        return "\n".join(lines)
+
+
+def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
+    """Map the spec onto processes and a mesh, or raise a PlanError naming what to change."""
+    inferred: list[str] = []
+    res, par = spec.resources, spec.parallel
+    world = res.nodes * res.procs_per_node
+
+    for axis in ("tensor", "pipeline"):
+        if getattr(par, axis) != 1:
+            raise PlanError(f"parallel.{axis}={getattr(par, axis)}: {axis} parallelism is not available yet; allowed: 1")
+    model_degree = par.tensor * par.pipeline
+    if par.data == -1:
+        if world % model_degree:
+            raise PlanError(
+                f"parallel: tensor {par.tensor} x pipeline {par.pipeline} does not divide the world size {world}"
+            )
+        dp = world // model_degree
+        inferred.append(f"parallel.data = {dp} (-1: world size {world} / tensor {par.tensor} / pipeline {par.pipeline})")
+    else:
+        dp = par.data
+        if dp * model_degree != world:
+            raise PlanError(
+                f"parallel: data {dp} x tensor {par.tensor} x pipeline {par.pipeline} = {dp * model_degree}"
+                f" does not equal the world size {world} (resources.nodes x resources.procs_per_node);"
+                " set parallel.data: -1 to use the rest"
+            )
+
+    strategy = spec.strategy.name
+    if strategy == "auto":
+        strategy = "single" if world == 1 else "ddp"
+        inferred.append(f"strategy.name = {strategy} (auto, world size {world})")
+    if strategy == "single" and world != 1:
+        raise PlanError(f"strategy.name=single runs one process, but the world size is {world}; use ddp or auto")
+
+    device = res.device
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+        inferred.append(f"resources.device = {device} (auto: CUDA {'found' if cuda_available else 'not found'})")
+    elif device == "cuda" and not cuda_available:
+        raise PlanError("resources.device=cuda but no CUDA device is visible; use cpu or auto")
+    backend = "nccl" if device == "cuda" else "gloo"
+
+    if spec.training.stop_at_step is not None and spec.training.stop_at_step > spec.training.max_steps:
+        raise PlanError(
+            f"training.stop_at_step={spec.training.stop_at_step} is past training.max_steps={spec.training.max_steps}"
+        )
+
+    micro, accum = spec.data.micro_batch_size, spec.training.grad_accum_steps
+    return Plan(
+        world_size=world, nodes=res.nodes, procs_per_node=res.procs_per_node,
+        dp_degree=dp, tp_degree=par.tensor, pp_degree=par.pipeline, strategy=strategy,
+        device=device, backend=backend, micro_batch_size=micro, grad_accum_steps=accum,
+        global_batch_size=micro * accum * dp, inferred=tuple(inferred),
+    )

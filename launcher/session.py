@@ -1,0 +1,69 @@
+"""Everything the CLI knows before starting processes: spec, plan, run directory, dry run."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.errors import UserError
+from launcher.plan import Plan, make_plan
+from launcher.spec import JobSpec, load_spec
+
+SPEC_FILE = "spec.json"
+
+
+@dataclass(frozen=True)
+class Session:
+    spec: JobSpec
+    plan: Plan
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.spec.output.dir).resolve() / self.spec.name
+
+    @property
+    def spec_path(self) -> Path:
+        return self.run_dir / SPEC_FILE
+
+    def dry_run(self, executor_name: str):  # type: ignore[no-untyped-def]
+        from launcher.executors import get_executor
+
+        return get_executor(executor_name).dry_run(self.plan, self.spec_path, self.spec.resources.max_restarts)
+
+    def check_resume(self) -> None:
+        """Refuse to start if the resume setting would lose or misuse checkpoints."""
+        from launcher.checkpoint import find_latest, is_complete
+
+        resume = self.spec.checkpoint.resume
+        if resume == "never":
+            existing = find_latest(self.run_dir / "checkpoints")
+            if existing is not None:
+                raise UserError(
+                    f"checkpoint.resume=never but {existing} exists; use resume: auto, or another name/output.dir"
+                )
+        elif resume != "auto" and not is_complete(Path(resume)):
+            raise UserError(f"checkpoint.resume={resume}: not a complete checkpoint directory (no manifest.json)")
+
+    def write_spec(self) -> None:
+        """The resolved spec every rank reads; written atomically so no rank sees half a file."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.spec_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.spec.model_dump(mode="json"), indent=1))
+        os.replace(tmp, self.spec_path)
+
+
+def prepare(spec_file: str, overrides: list[str]) -> Session:
+    """Load and validate the spec, import its targets, and plan. Raises UserError on bad input."""
+    spec = load_spec(spec_file, overrides)
+    plan = make_plan(spec, cuda_available=_cuda_available())
+    from launcher.components import check_targets
+
+    check_targets(spec)
+    return Session(spec, plan)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

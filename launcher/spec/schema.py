@@ -1,0 +1,141 @@
+"""The typed job spec. Each class mirrors one section of the YAML file; unknown keys are errors.
+
+Numbers are parsed in pydantic's lax mode because YAML 1.1 reads `1e-3` as a string; anything that
+does not convert cleanly (e.g. `lr: fast`, `micro_batch_size: 4.5`) is still rejected.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
+
+class Section(BaseModel):
+    """Base for every section: frozen, and unknown keys are rejected instead of ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentSpec(Section):
+    """A user or built-in factory named by an import path, like Hydra's `_target_`."""
+
+    target: str = Field(pattern=IMPORT_PATH, description='"module:callable" returning the object')
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSpec(ComponentSpec):
+    """A map-style Dataset of (input, target) pairs; the eval split reuses `target` with `eval_kwargs`."""
+
+    micro_batch_size: int = Field(gt=0, description="samples per rank per forward/backward")
+    shuffle: bool = True
+    eval_kwargs: dict[str, Any] | None = Field(
+        default=None, description="kwargs merged over `kwargs` to build the eval split; null = no eval"
+    )
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank")
+
+
+class OptimizerSpec(Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"]
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="sgd and rmsprop")
+    nesterov: bool = Field(default=False, description="sgd; needs momentum > 0")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam and adamw")
+    eps: float = Field(default=1e-8, gt=0)
+    alpha: float = Field(default=0.99, gt=0, lt=1, description="rmsprop smoothing constant")
+    l1: float = Field(default=0.0, ge=0, description="adds l1 * sign(w) to each gradient per step")
+    l2: float = Field(default=0.0, ge=0, description="adds 2 * l2 * w to each gradient per step")
+    weight_decay: float = Field(default=0.0, ge=0, description="the optimizer's own (decoupled for adamw)")
+    grad_clip: float | None = Field(default=None, gt=0, description="max global gradient norm; null = off")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("each beta must be in [0, 1)")
+        return betas
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimizerSpec":
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov: only for name sgd with momentum > 0")
+        return self
+
+
+class ScheduleSpec(Section):
+    warmup_steps: int = Field(default=0, ge=0, description="linear warmup from lr/warmup_steps to lr")
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr = lr * min_lr_ratio")
+
+
+class TrainingSpec(Section):
+    max_steps: int = Field(gt=0, description="optimizer steps; the LR schedule spans these")
+    grad_accum_steps: int = Field(default=1, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = Field(default=10, gt=0)
+    eval_every: int = Field(default=0, ge=0, description="0 = only at the end (when an eval split exists)")
+    checkpoint_every: int = Field(default=0, ge=0, description="0 = only at the end")
+    stop_at_step: int | None = Field(
+        default=None, gt=0, description="end this launch after this step (checkpointed); a later launch resumes"
+    )
+    collective_timeout_s: float = Field(default=300.0, gt=0, description="process-group timeout")
+
+
+class StrategySpec(Section):
+    name: Literal["auto", "single", "ddp"] = Field(
+        default="auto", description="auto = single for one process, ddp otherwise"
+    )
+
+
+class ParallelSpec(Section):
+    data: int = Field(default=-1, description="data-parallel degree; -1 = the rest of the world")
+    tensor: int = Field(default=1, gt=0)
+    pipeline: int = Field(default=1, gt=0)
+
+    @field_validator("data")
+    @classmethod
+    def _data_degree(cls, data: int) -> int:
+        if data == 0 or data < -1:
+            raise ValueError("must be -1 (the rest of the world) or a positive integer")
+        return data
+
+
+class ResourcesSpec(Section):
+    nodes: int = Field(default=1, gt=0)
+    procs_per_node: int = Field(default=1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda+nccl if present, else cpu+gloo")
+    max_restarts: int = Field(default=0, ge=0, description="elastic restarts of the whole worker group")
+
+
+class CheckpointSpec(Section):
+    resume: str = Field(
+        default="auto",
+        description="auto = newest complete checkpoint of this run, never = refuse an existing one, or a checkpoint path",
+    )
+    keep: int = Field(default=3, gt=0, description="complete checkpoints kept; older ones pruned")
+
+
+class OutputSpec(Section):
+    dir: str = Field(default="runs", min_length=1, description="the run directory is <dir>/<name>")
+
+
+class JobSpec(Section):
+    """A whole training job: WHAT to train. Where it runs comes from resources / the executor."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; also the run directory name")
+    seed: int = 0
+    model: ComponentSpec
+    data: DataSpec
+    loss: str = Field(
+        default="mse", pattern=r"^(mse|cross_entropy|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$",
+        description='mse, cross_entropy, or "module:callable" taking (output, target)',
+    )
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec = ScheduleSpec()
+    training: TrainingSpec
+    strategy: StrategySpec = StrategySpec()
+    parallel: ParallelSpec = ParallelSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    output: OutputSpec = OutputSpec()

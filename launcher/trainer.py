@@ -1,0 +1,159 @@
+"""The one training loop every strategy drives.
+
+Distributed concerns are single calls into the strategy; this file never calls `.backward()` and
+never asks which strategy it is running.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from launcher.checkpoint import Checkpointer, find_latest
+from launcher.components import build_datasets, build_loss, model_factory
+from launcher.metrics import MetricsLogger, read_metrics
+from launcher.optim import build_scheduler, optimizer_factory
+from launcher.plan import Plan
+from launcher.rng import capture_rng, restore_rng, seed_all
+from launcher.sampler import BatchLayout, StepBatchSampler
+from launcher.spec.schema import JobSpec
+from strategies import Strategy, build_strategy
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo()) -> dict[str, Any]:
+    """Run (or resume) the job on this rank; return the run summary."""
+    started = time.perf_counter()
+    device = _device(plan, ranks.local_rank)
+    seed_all(spec.seed)  # identical initial weights on every rank
+    strategy = build_strategy(plan.strategy, device, spec.training.precision)
+    strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), build_loss(spec.loss))
+    scheduler = build_scheduler(strategy.optimizer, spec.schedule, spec.training.max_steps)
+    train_set, eval_set = build_datasets(spec.data)
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", spec.checkpoint.keep, ranks.rank, ranks.world_size, _barrier)
+    checkpointer.remove_partials()
+    resume_from = _resume_path(spec, run_dir)
+    if resume_from is not None:
+        start_step = _restore(checkpointer, resume_from, strategy, scheduler)
+    else:
+        start_step = 0
+        seed_all(spec.seed + ranks.rank)  # runtime randomness (dropout) differs per rank
+
+    training = spec.training
+    end_step = training.stop_at_step or training.max_steps
+    layout = BatchLayout(len(train_set), spec.data.micro_batch_size, training.grad_accum_steps,
+                         strategy.dp_rank, strategy.dp_size, spec.seed, spec.data.shuffle)
+    loader = DataLoader(train_set, batch_sampler=StepBatchSampler(layout, start_step, end_step),
+                        num_workers=spec.data.num_workers)
+    batches = iter(loader)
+    logger = MetricsLogger(run_dir, strategy.is_logging_rank, start_step, training.max_steps)
+    if resume_from is not None:
+        logger.say(f"resumed from {resume_from} at step {start_step}")
+
+    record: dict[str, Any] = {}
+    elapsed, timed_steps = 0.0, 0
+    for step in range(start_step + 1, end_step + 1):
+        tick = time.perf_counter()
+        window = [next(batches) for _ in range(training.grad_accum_steps)]
+        loss = strategy.forward_backward(window)
+        penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
+        grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        strategy.optimizer_step()
+        scheduler.step()
+        elapsed, timed_steps = elapsed + time.perf_counter() - tick, timed_steps + 1
+        logger.advance()
+
+        eval_due = eval_set is not None and (
+            (training.eval_every and step % training.eval_every == 0) or step == training.max_steps
+        )
+        if step % training.log_every == 0 or step in (start_step + 1, end_step) or eval_due:
+            record = {
+                "step": step, "loss": strategy.reduce_mean(loss).item(), "penalty": penalty.item(),
+                "lr": lr, "grad_norm": grad_norm.item(),
+                "samples_per_s": layout.global_batch_size * timed_steps / elapsed,
+                "step_time_s": elapsed / timed_steps,
+            }
+            if eval_due:
+                record["eval_loss"] = _evaluate(strategy, eval_set, spec.data.micro_batch_size)
+            logger.log(record)
+            elapsed, timed_steps = 0.0, 0
+        if (training.checkpoint_every and step % training.checkpoint_every == 0) or step == end_step:
+            checkpointer.save(step, strategy.state_dict(), _rank_state(step, scheduler))
+    logger.close()
+    if not record and strategy.is_logging_rank:  # resumed at the end: nothing left to train
+        record = (read_metrics(run_dir) or [{}])[-1]
+
+    summary = {
+        "name": spec.name, "steps": end_step, "max_steps": training.max_steps,
+        "final_loss": record.get("loss"), "eval_loss": record.get("eval_loss"),
+        "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size,
+        "wall_s": time.perf_counter() - started,
+        "checkpoint": str(find_latest(run_dir / "checkpoints")),
+    }
+    if strategy.is_logging_rank:
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _device(plan: Plan, local_rank: int) -> torch.device:
+    if plan.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _resume_path(spec: JobSpec, run_dir: Path) -> Path | None:
+    """`auto`: newest complete checkpoint of this run, if any; a path: that checkpoint."""
+    resume = spec.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return find_latest(run_dir / "checkpoints")
+    return Path(resume)
+
+
+def _restore(checkpointer: Checkpointer, path: Path, strategy: Strategy, scheduler: Any) -> int:
+    state = strategy.state_dict()
+    extra = checkpointer.load(path, state)
+    strategy.load_state_dict(state)
+    # LambdaLR's state carries the lambda object; ours is rebuilt from the spec, so only counters travel.
+    scheduler.load_state_dict({**extra["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    restore_rng(extra["rng"])
+    return int(extra["step"])
+
+
+def _rank_state(step: int, scheduler: Any) -> dict[str, Any]:
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    return {"step": step, "scheduler": sched, "rng": capture_rng()}
+
+
+def _evaluate(strategy: Strategy, eval_set: Dataset, batch_size: int) -> float:
+    """Mean loss over the whole eval split; each data-parallel rank scores a strided share."""
+    shard = Subset(eval_set, range(strategy.dp_rank, len(eval_set), strategy.dp_size))
+    totals = torch.zeros(2, dtype=torch.float64)
+    for inputs, targets in DataLoader(shard, batch_size=batch_size):
+        totals[0] += strategy.evaluate((inputs, targets)).double().cpu() * len(inputs)
+        totals[1] += len(inputs)
+    totals = strategy.reduce_sum(totals)
+    return (totals[0] / totals[1]).item()

@@ -1,0 +1,69 @@
+"""Per-rank entry point. Every executor starts this same module with torchrun's environment
+contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the resolved spec as a JSON file.
+
+    python -m launcher.worker <run_dir>/spec.json
+"""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from launcher.imports import ensure_cwd_importable
+from launcher.plan import make_plan
+from launcher.spec import spec_from_json_file
+from launcher.trainer import RankInfo, train
+
+
+def rank_info_from_env() -> RankInfo:
+    return RankInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+@record  # writes this rank's exception to torchrun's error file, so the launcher can report it
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m launcher.worker RUN_DIR/spec.json")
+    spec_path = Path(args[0])
+    ensure_cwd_importable()
+    spec = spec_from_json_file(spec_path)
+    plan = make_plan(spec, cuda_available=torch.cuda.is_available())
+    ranks = rank_info_from_env()
+    if ranks.world_size != plan.world_size:
+        # Some launchers silently start one process, or several independent ones: refuse to train.
+        raise RuntimeError(
+            f"rank {ranks.rank} sees WORLD_SIZE={ranks.world_size}, but the plan needs {plan.world_size}"
+            " processes: the executor started the wrong number of processes"
+        )
+    distributed = plan.strategy != "single"
+    if distributed:
+        dist.init_process_group(plan.backend, timeout=timedelta(seconds=spec.training.collective_timeout_s))
+    try:
+        summary = train(spec, plan, spec_path.parent, ranks)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    if ranks.rank == 0:
+        print(format_summary(summary), flush=True)
+
+
+def format_summary(summary: dict) -> str:
+    parts = [f"done: {summary['steps']}/{summary['max_steps']} steps in {summary['wall_s']:.1f} s"]
+    for key in ("final_loss", "eval_loss"):
+        if summary.get(key) is not None:
+            parts.append(f"{key.replace('_', ' ')} {summary[key]:.5f}")
+    parts.append(f"checkpoint {summary['checkpoint']}")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Parallelism strategies, looked up by the plan's resolved strategy name."""
+from __future__ import annotations
+
+import torch
+
+from strategies.base import Strategy
+
+
+def build_strategy(name: str, device: torch.device, precision: str) -> Strategy:
+    if name == "single":
+        from strategies.single import SingleProcessStrategy
+
+        return SingleProcessStrategy(device, precision)
+    if name == "ddp":
+        from strategies.ddp import DDPStrategy
+
+        return DDPStrategy(device, precision)
+    raise ValueError(f"unknown strategy {name!r}")  # the plan only resolves implemented names
+
+
+__all__ = ["Strategy", "build_strategy"]

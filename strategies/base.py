@@ -1,0 +1,59 @@
+"""The seam between the trainer loop and every parallelism.
+
+The loop never calls `.backward()` and never branches on a strategy's name: it hands the strategy one
+accumulation window of micro-batches and asks it to regularize, clip and step. That keeps pipeline
+parallel (whose schedule runs forward and backward itself) and DeepSpeed (whose engine owns the
+optimizer) on the same loop as DDP.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+ModelFactory = Callable[[], nn.Module]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Strategy(Protocol):
+    dp_rank: int
+    dp_size: int
+    is_logging_rank: bool
+    optimizer: torch.optim.Optimizer
+
+    def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
+        """Build model and optimizer in ONE call: sharding strategies own both together."""
+
+    def forward_backward(self, micro_batches: Sequence[Batch], *, sync_grads: bool = True) -> torch.Tensor:
+        """Accumulate gradients of the window's mean loss; return that loss (this rank's, detached).
+
+        With sync_grads=False no gradient communication happens for the whole window.
+        """
+
+    def regularize(self, l1: float, l2: float) -> torch.Tensor:
+        """Add l1*sign(w) + 2*l2*w to every gradient; return the penalty l1*|w|_1 + l2*|w|^2."""
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """Global gradient norm over all parameters (clipped to max_norm when given), pre-clip value."""
+
+    def optimizer_step(self) -> None:
+        """Step the optimizer and zero the gradients."""
+
+    def evaluate(self, batch: Batch) -> torch.Tensor:
+        """Mean loss of one eval batch, no gradients."""
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a scalar over the data-parallel group (every rank gets the result)."""
+
+    def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the data-parallel group (every rank gets the result)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """{'model': ..., 'optim': ...} in torch.distributed.checkpoint's layout."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of state_dict()."""
