@@ -10,14 +10,17 @@ the directory, so a reader either sees a whole checkpoint or none.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 PARTIAL_PREFIX = ".partial-"
@@ -62,7 +65,8 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         self.barrier()
-        dcp.save(state, checkpoint_id=partial)
+        with _single_process_ok():
+            dcp.save(state, checkpoint_id=partial)
         torch.save(rank_state, partial / f"rank{self.rank}.pt")
         self.barrier()
         if self.rank == 0:
@@ -72,7 +76,8 @@ class Checkpointer:
 
     def load(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
         """Fill `state` in place from `path`; return this rank's own extra state (RNG, scheduler)."""
-        dcp.load(state, checkpoint_id=path)
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path)
         own = path / f"rank{self.rank}.pt"
         # A checkpoint from a different world size has no file for new ranks: take rank 0's
         # step and schedule (identical on every rank); only the RNG stream then differs.
@@ -98,3 +103,13 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns that it assumes one process when no group exists; for `single` that is the intent."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

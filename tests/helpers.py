@@ -1,0 +1,95 @@
+"""Shared test helpers: write specs, run the real CLI, train in-process, read results back."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+
+from launcher.checkpoint import find_latest
+from launcher.components import model_factory
+from launcher.metrics import read_metrics
+from launcher.plan import make_plan
+from launcher.spec import load_spec
+from launcher.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+MESHYARD = str(Path(sys.executable).parent / "meshyard")
+
+BASE_SPEC: dict[str, Any] = {
+    "name": "test",
+    "seed": 7,
+    "model": {"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "hidden": 16, "out_dim": 1, "depth": 2}},
+    "data": {"target": "launcher.data:synthetic_regression", "kwargs": {"n": 480, "in_dim": 8, "out_dim": 1},
+             "micro_batch_size": 24, "shuffle": True},
+    "loss": "mse",
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "l1": 1.0e-3, "l2": 1.0e-3, "grad_clip": 1.0},
+    "schedule": {"warmup_steps": 2, "decay": "cosine"},
+    "training": {"max_steps": 10, "grad_accum_steps": 1, "log_every": 1},
+    "resources": {"procs_per_node": 1},
+}
+
+
+def make_spec(tmp: Path, name: str = "test", **sections: dict[str, Any]) -> Path:
+    """BASE_SPEC with `sections` merged in (one level deep), written to `tmp/<name>.yaml`."""
+    raw = copy.deepcopy(BASE_SPEC)
+    raw["name"] = name
+    raw["output"] = {"dir": str(tmp / "runs")}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_dir(spec_path: Path) -> Path:
+    spec = load_spec(spec_path)
+    return Path(spec.output.dir) / spec.name
+
+
+def meshyard(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run the installed `meshyard` console script from the repository root."""
+    return subprocess.run([MESHYARD, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_ok(spec_path: Path, *overrides: str) -> Path:
+    sets = [a for o in overrides for a in ("--set", o)]
+    result = meshyard("launch", str(spec_path), *sets)
+    assert result.returncode == 0, f"launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return run_dir(spec_path)
+
+
+def train_in_process(spec_path: Path, *overrides: str) -> Path:
+    """A 1-process reference run, in this process (no torchrun, no process group)."""
+    spec = load_spec(spec_path, list(overrides))
+    plan = make_plan(spec)
+    out = Path(spec.output.dir) / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    train(spec, plan, out)
+    return out
+
+
+def final_params(run: Path, spec_path: Path) -> dict[str, torch.Tensor]:
+    """Consolidated model parameters of the run's newest checkpoint, loaded with no process group."""
+    spec = load_spec(spec_path)
+    model = model_factory(spec.model)()
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=find_latest(run / "checkpoints"))
+    return state["model"]
+
+
+def curve(run: Path, key: str = "loss") -> list[float]:
+    return [m[key] for m in read_metrics(run)]
+
+
+def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
