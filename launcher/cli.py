@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        for rank, error in sorted(exc.failures.items()):
-            print(f"  rank {rank}: " + error.replace("\n", "\n    "), file=sys.stderr)
+        for index, (rank, error) in enumerate(exc.failures.items()):
+            if index == 0:
+                print(f"  rank {rank} (first to fail): " + error.replace("\n", "\n    "), file=sys.stderr)
+            else:  # usually a consequence: it lost its peer
+                print(f"  rank {rank} (failed after it): {error.splitlines()[0]}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: every process of the job was stopped", file=sys.stderr)

@@ -35,7 +35,7 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
-def make_spec(tmp: Path, name: str = "test", **sections: dict[str, Any]) -> Path:
+def make_spec(tmp: Path, name: str = "test", /, **sections: Any) -> Path:
     """BASE_SPEC with `sections` merged in (one level deep), written to `tmp/<name>.yaml`."""
     raw = copy.deepcopy(BASE_SPEC)
     raw["name"] = name

@@ -55,10 +55,15 @@ class LocalExecutor:
 
 
 def collect_failures(log_dir: Path, since: float) -> dict[int, str]:
-    """rank -> 'ExcType: message' plus the last traceback lines, from the agent's error files."""
-    failures: dict[int, str] = {}
-    for error_file in sorted(log_dir.glob("*/attempt_*/*/error.json")):
-        if error_file.stat().st_mtime < since:
+    """rank -> 'ExcType: message' plus the last traceback lines, from the agent's error files.
+
+    Ordered by failure time: the first entry is the root cause, later ones are usually ranks that
+    lost their peer ("Connection closed by peer").
+    """
+    found: list[tuple[float, int, str]] = []
+    for error_file in log_dir.glob("*/attempt_*/*/error.json"):
+        when = error_file.stat().st_mtime  # finer than the file's own whole-second timestamp
+        if when < since:
             continue
         try:
             payload = json.loads(error_file.read_text())["message"]
@@ -70,5 +75,6 @@ def collect_failures(log_dir: Path, since: float) -> dict[int, str]:
         else:
             message, stack = str(payload), []
         tail = [line for line in stack[-TRACE_LINES - 1 : -1] if line.strip()]
-        failures[int(error_file.parent.name)] = "\n".join([message.splitlines()[-1] if message else "?"] + tail)
-    return failures
+        headline = message.splitlines()[-1] if message else "?"
+        found.append((when, int(error_file.parent.name), "\n".join([headline] + tail)))
+    return {rank: text for _, rank, text in sorted(found)}

@@ -1,0 +1,89 @@
+"""Malformed specs and arguments: exit 2, one line naming the field or file and what is allowed."""
+from __future__ import annotations
+
+import pytest
+
+from launcher.cli import main
+from tests.helpers import make_spec, meshyard
+
+# (case id, spec sections to merge or a raw file body, extra argv, text the one line must contain)
+CASES = [
+    ("unknown top-level key", {"epochs": 3}, [], "epochs: unknown key; allowed here: name, seed, model"),
+    ("unknown nested key", {"optimizer": {"name": "sgd", "lr": 0.1, "mom": 0.9}}, [], "optimizer.mom: unknown key; allowed here: name, lr, momentum"),
+    ("wrong type", {"optimizer": {"name": "sgd", "lr": "fast"}}, [], "optimizer.lr: Input should be a valid number"),
+    ("negative lr", {"optimizer": {"name": "sgd", "lr": -0.1}}, [], "optimizer.lr: Input should be greater than 0"),
+    ("zero micro-batch", {"data": {"micro_batch_size": 0}}, [], "data.micro_batch_size: Input should be greater than 0"),
+    ("fractional steps", {"training": {"max_steps": 2.5}}, [], "training.max_steps: Input should be a valid integer"),
+    ("unknown optimizer", {"optimizer": {"name": "lamb", "lr": 0.1}}, [], "optimizer.name: Input should be 'sgd', 'adam', 'adamw' or 'rmsprop'"),
+    ("unknown precision", {"training": {"max_steps": 5, "precision": "fp16"}}, [], "training.precision: Input should be 'fp32' or 'bf16'"),
+    ("missing section", {"model": None}, [], "model: Input should be a valid dictionary"),
+    ("malformed target", {"model": {"target": "launcher.models.mlp"}}, [], 'model.target: expected an import path "module:callable"'),
+    ("unimportable module", {"model": {"target": "no_such_pkg.models:net"}}, [], "model.target: cannot import module 'no_such_pkg.models'"),
+    ("missing attribute", {"data": {"target": "launcher.data:no_such_dataset"}}, [], "data.target: module 'launcher.data' has no attribute 'no_such_dataset'"),
+    ("unimportable loss", {"loss": "no_such_pkg:loss"}, [], "loss: cannot import module 'no_such_pkg'"),
+    ("mesh does not factor", {"parallel": {"data": 3}, "resources": {"procs_per_node": 2}}, [], "parallel: data 3 x tensor 1 x pipeline 1 = 3 does not equal the world size 2"),
+    ("tensor parallel not yet", {"parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: tensor parallelism is not available yet; allowed: 1"),
+    ("single with 2 procs", {"strategy": {"name": "single"}, "resources": {"procs_per_node": 2}}, [], "strategy.name=single runs one process, but the world size is 2"),
+    ("zero data degree", {"parallel": {"data": 0}}, [], "parallel.data: must be -1 (the rest of the world) or a positive integer"),
+    ("nesterov without momentum", {"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": True}}, [], "optimizer: nesterov: only for name sgd with momentum > 0"),
+    ("stop after the end", {"training": {"max_steps": 5, "stop_at_step": 9}}, [], "training.stop_at_step=9 is past training.max_steps=5"),
+    ("bad run name", {"name": "../escape"}, [], 'name: expected letters, digits'),
+    ("bad --set syntax", {}, ["--set", "optimizer.lr"], "--set 'optimizer.lr': expected KEY=VALUE"),
+    ("--set unknown field", {}, ["--set", "optimizer.learning_rate=0.1"], "optimizer.learning_rate: unknown key"),
+    ("--set through a value", {}, ["--set", "loss.kind=x"], "loss: is a value, not a section"),
+    ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local"),
+]
+RAW_FILES = [
+    ("YAML syntax error", "name: x\nmodel: {target: a:b\n", "YAML syntax error at line 3"),
+    ("not a mapping", "- name: x\n", "a job spec must be a YAML mapping"),
+]
+
+
+def _run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_spec_field(tmp_path, capsys, case):
+    _, sections, extra, expected = case
+    spec = make_spec(tmp_path, **sections)
+    code, err = _run_main(capsys, ["launch", str(spec), *extra])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and expected in err, err
+
+
+@pytest.mark.parametrize("case", RAW_FILES, ids=[c[0] for c in RAW_FILES])
+def test_bad_yaml_file(tmp_path, capsys, case):
+    _, body, expected = case
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    code, err = _run_main(capsys, ["validate", str(path)])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {path}: ") and expected in err, err
+
+
+def test_missing_file(tmp_path, capsys):
+    code, err = _run_main(capsys, ["plan", str(tmp_path / "nope.yaml")])
+    assert code == 2 and err == f"error: {tmp_path / 'nope.yaml'}: spec file not found\n"
+
+
+def test_resume_never_refuses_to_mix_with_existing_checkpoints(tmp_path, capsys):
+    spec = make_spec(tmp_path, checkpoint={"resume": "never"})
+    existing = tmp_path / "runs" / "test" / "checkpoints" / "step_00000003"
+    existing.mkdir(parents=True)
+    (existing / "manifest.json").write_text("{}")
+    code, err = _run_main(capsys, ["launch", str(spec)])
+    assert code == 2 and "checkpoint.resume=never but" in err and len(err.splitlines()) == 1
+    assert (existing / "manifest.json").is_file()  # nothing lost
+
+
+def test_real_process_prints_one_line_and_no_traceback(tmp_path):
+    spec = make_spec(tmp_path, optimizer={"name": "sgd", "lr": -1})
+    result = meshyard("launch", str(spec))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: optimizer.lr: Input should be greater than 0 (got -1)"
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was written
