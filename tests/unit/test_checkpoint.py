@@ -1,0 +1,38 @@
+"""Checkpoints are complete or invisible: partial directories are never loaded and get cleaned."""
+from __future__ import annotations
+
+import torch
+
+from launcher.checkpoint import Checkpointer, find_latest
+
+
+def _save(root, step, value):
+    ckpt = Checkpointer(root, keep=2, rank=0, world_size=1, barrier=lambda: None)
+    ckpt.save(step, {"model": {"w": torch.full((3,), float(value))}}, {"step": step})
+    return ckpt
+
+
+def test_latest_complete_wins_and_keep_prunes(tmp_path):
+    for step in (1, 2, 3):
+        ckpt = _save(tmp_path, step, step)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert find_latest(tmp_path).name == "step_00000003"
+    state = {"model": {"w": torch.zeros(3)}}
+    assert ckpt.load(find_latest(tmp_path), state) == {"step": 3}
+    assert torch.equal(state["model"]["w"], torch.full((3,), 3.0))
+
+
+def test_partial_directory_is_ignored_and_removed(tmp_path):
+    ckpt = _save(tmp_path, 1, 1)
+    partial = tmp_path / ".partial-step_00000002"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half a file")
+    assert find_latest(tmp_path).name == "step_00000001"
+    ckpt.remove_partials()
+    assert not partial.exists()
+
+
+def test_stale_latest_pointer_falls_back_to_newest_complete(tmp_path):
+    _save(tmp_path, 1, 1)
+    (tmp_path / "latest").write_text("step_00000009")  # points at something that never completed
+    assert find_latest(tmp_path).name == "step_00000001"

@@ -1,0 +1,53 @@
+"""Plan: world size, mesh degrees, strategy, device and the batch identity, as a table."""
+from __future__ import annotations
+
+import pytest
+
+from launcher.errors import PlanError
+from launcher.plan import make_plan
+from launcher.spec import validate_spec
+from tests.helpers import BASE_SPEC
+
+
+def spec_with(**sections):
+    raw = {**BASE_SPEC, **{k: {**BASE_SPEC.get(k, {}), **v} for k, v in sections.items()}}
+    return validate_spec(raw)
+
+
+@pytest.mark.parametrize(
+    "nodes,procs,data,micro,accum,strategy,expect_dp,expect_strategy",
+    [
+        (1, 1, -1, 24, 1, "auto", 1, "single"),
+        (1, 2, -1, 4, 3, "auto", 2, "ddp"),
+        (2, 2, -1, 4, 3, "ddp", 4, "ddp"),
+        (1, 4, 4, 2, 2, "ddp", 4, "ddp"),
+        (1, 1, 1, 8, 3, "ddp", 1, "ddp"),
+    ],
+)
+def test_degrees_and_batch_identity(nodes, procs, data, micro, accum, strategy, expect_dp, expect_strategy):
+    plan = make_plan(spec_with(resources={"nodes": nodes, "procs_per_node": procs}, parallel={"data": data},
+                               data={"micro_batch_size": micro}, training={"grad_accum_steps": accum},
+                               strategy={"name": strategy}))
+    assert plan.world_size == nodes * procs
+    assert (plan.dp_degree, plan.strategy) == (expect_dp, expect_strategy)
+    assert plan.global_batch_size == micro * accum * expect_dp
+    assert f"global batch     {plan.global_batch_size} = micro-batch {micro}" in plan.describe()
+
+
+def test_inferred_values_are_reported():
+    plan = make_plan(spec_with(resources={"procs_per_node": 2}))
+    text = plan.describe()
+    assert "inferred         parallel.data = 2" in text
+    assert "inferred         strategy.name = ddp (auto, world size 2)" in text
+    assert "inferred         resources.device = cpu (auto: CUDA not found)" in text
+    assert (plan.device, plan.backend) == ("cpu", "gloo")
+
+
+def test_cuda_when_present_uses_nccl():
+    plan = make_plan(spec_with(resources={"procs_per_node": 2}), cuda_available=True)
+    assert (plan.device, plan.backend) == ("cuda", "nccl")
+
+
+def test_cuda_requested_without_cuda_is_a_plan_error():
+    with pytest.raises(PlanError, match="resources.device=cuda but no CUDA device is visible"):
+        make_plan(spec_with(resources={"device": "cuda"}))
