@@ -48,8 +48,15 @@ def find_latest(root: Path) -> Path | None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, rank: int, world_size: int, barrier: Callable[[], None]) -> None:
+    """Saves and loads one run's checkpoints; every rank holds one and calls it at the same points."""
+
+    def __init__(self, root: Path, keep: int, rank: int, world_size: int, barrier: Callable[[], None],
+                 async_save: bool = False) -> None:
         self.root, self.keep, self.rank, self.world_size, self.barrier = root, keep, rank, world_size, barrier
+        self.async_save = async_save
+        # async_save's collectives must not share the training group (FACTS: "collective mismatch").
+        self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._pending: tuple[Any, Path, Path, int] | None = None
 
     def remove_partials(self) -> None:
         """Drop directories left by an interrupted save. Call before any rank starts saving."""
@@ -59,20 +66,39 @@ class Checkpointer:
         self.barrier()
 
     def save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Write checkpoint `step`. With async_save it is published later, by wait() or the next save."""
+        self.wait()
         final = self.root / step_dir_name(step)
         partial = self.root / (PARTIAL_PREFIX + final.name)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         self.barrier()
-        with _single_process_ok():
-            dcp.save(state, checkpoint_id=partial)
         torch.save(rank_state, partial / f"rank{self.rank}.pt")
-        self.barrier()
+        with _single_process_ok():
+            if self.async_save:
+                future = dcp.async_save(state, checkpoint_id=partial, process_group=self._async_group,
+                                        no_dist=not dist.is_initialized())
+                self._pending = (future, partial, final, step)
+                return final
+            dcp.save(state, checkpoint_id=partial)
+        self._finish(partial, final, step)
+        return final
+
+    def wait(self) -> None:
+        """Finish (and publish) an async save still in flight. Call before exit."""
+        if self._pending is None:
+            return
+        future, partial, final, step = self._pending
+        self._pending = None
+        future.result()
+        self._finish(partial, final, step)
+
+    def _finish(self, partial: Path, final: Path, step: int) -> None:
+        self.barrier()  # every rank's shards are on disk
         if self.rank == 0:
             self._publish(partial, final, step)
         self.barrier()
-        return final
 
     def load(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
         """Fill `state` in place from `path`; return this rank's own extra state (RNG, scheduler)."""

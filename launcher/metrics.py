@@ -15,7 +15,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a killed rank 0; the resume re-logs that step
+    return records
 
 
 class MetricsLogger:
@@ -41,7 +47,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record) + "\n")  # one write per record: a kill cuts at most the last line
         self.say(format_record(record))
 
     def say(self, line: str) -> None:

@@ -49,7 +49,7 @@ class Session:
         """The resolved spec every rank reads; written atomically so no rank sees half a file."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.spec_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.spec.model_dump(mode="json"), indent=1))
+        tmp.write_text(json.dumps(self.spec.model_dump(mode="json", by_alias=True), indent=1))
         os.replace(tmp, self.spec_path)
 
 

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from launcher.checkpoint import Checkpointer, find_latest
 from launcher.components import build_datasets, build_loss, model_factory
+from launcher.guards import NonFiniteError, PreemptionFlag, check_step
+from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLogger, read_metrics
 from launcher.optim import build_scheduler, optimizer_factory
 from launcher.plan import Plan
@@ -26,6 +28,7 @@ from launcher.spec.schema import JobSpec
 from strategies import Strategy, build_strategy
 
 SUMMARY_FILE = "summary.json"
+PREEMPTED_FILE = "preempted.json"
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,19 @@ class RankInfo:
     world_size: int = 1
 
 
-def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo()) -> dict[str, Any]:
+def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo(),
+          preemption: PreemptionFlag | None = None) -> dict[str, Any]:
     """Run (or resume) the job on this rank; return the run summary."""
     started = time.perf_counter()
+    heartbeat = Heartbeat(run_dir, ranks.rank).start()
+    try:
+        return _train(spec, plan, run_dir, ranks, preemption, heartbeat, started)
+    finally:
+        heartbeat.stop()
+
+
+def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption: PreemptionFlag | None,
+           heartbeat: Heartbeat, started: float) -> dict[str, Any]:
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
     strategy = build_strategy(plan.strategy, device, spec.training.precision)
@@ -45,7 +58,8 @@ def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo()
     scheduler = build_scheduler(strategy.optimizer, spec.schedule, spec.training.max_steps)
     train_set, eval_set = build_datasets(spec.data)
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", spec.checkpoint.keep, ranks.rank, ranks.world_size, _barrier)
+    checkpointer = Checkpointer(run_dir / "checkpoints", spec.checkpoint.keep, ranks.rank, ranks.world_size,
+                                _barrier, async_save=spec.checkpoint.async_save)
     checkpointer.remove_partials()
     resume_from = _resume_path(spec, run_dir)
     if resume_from is not None:
@@ -66,41 +80,57 @@ def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo()
         logger.say(f"resumed from {resume_from} at step {start_step}")
 
     record: dict[str, Any] = {}
-    elapsed, timed_steps = 0.0, 0
+    elapsed, timed_steps, step, preempted = 0.0, 0, start_step, False
     for step in range(start_step + 1, end_step + 1):
+        heartbeat.update(step - 1, "step")
         tick = time.perf_counter()
         window = [next(batches) for _ in range(training.grad_accum_steps)]
         loss = strategy.forward_backward(window)
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        strategy.optimizer_step()
-        scheduler.step()
+        verdict = check_step(strategy, loss, grad_norm, preemption)
+        if verdict.nonfinite:
+            if training.on_nonfinite == "stop":
+                raise NonFiniteError(f"step {step}: the loss or gradient norm is not finite "
+                                     "(training.on_nonfinite=stop; `skip` drops such updates)")
+            strategy.discard_grads()
+            logger.say(f"step {step}: non-finite loss or gradient norm, update skipped (training.on_nonfinite=skip)")
+        else:
+            strategy.optimizer_step()
+        scheduler.step()  # the schedule's clock is the step count, skipped updates included
         elapsed, timed_steps = elapsed + time.perf_counter() - tick, timed_steps + 1
         logger.advance()
 
         eval_due = eval_set is not None and (
             (training.eval_every and step % training.eval_every == 0) or step == training.max_steps
         )
-        if step % training.log_every == 0 or step in (start_step + 1, end_step) or eval_due:
+        if step % training.log_every == 0 or step in (start_step + 1, end_step) or eval_due or verdict.preempt:
             record = {
                 "step": step, "loss": strategy.reduce_mean(loss).item(), "penalty": penalty.item(),
-                "lr": lr, "grad_norm": grad_norm.item(),
+                "lr": lr, "grad_norm": grad_norm.item(), "skipped": verdict.nonfinite,
                 "samples_per_s": layout.global_batch_size * timed_steps / elapsed,
                 "step_time_s": elapsed / timed_steps,
             }
             if eval_due:
+                heartbeat.update(step, "eval")
                 record["eval_loss"] = _evaluate(strategy, eval_set, spec.data.micro_batch_size)
             logger.log(record)
             elapsed, timed_steps = 0.0, 0
-        if (training.checkpoint_every and step % training.checkpoint_every == 0) or step == end_step:
+        if (training.checkpoint_every and step % training.checkpoint_every == 0) or step == end_step or verdict.preempt:
+            heartbeat.update(step, "checkpoint")
             checkpointer.save(step, strategy.state_dict(), _rank_state(step, scheduler))
+        if verdict.preempt:
+            preempted = True
+            break
+    heartbeat.update(step, "finishing")
+    checkpointer.wait()
     logger.close()
     if not record and strategy.is_logging_rank:  # resumed at the end: nothing left to train
         record = (read_metrics(run_dir) or [{}])[-1]
 
     summary = {
-        "name": spec.name, "steps": end_step, "max_steps": training.max_steps,
+        "name": spec.name, "steps": step, "max_steps": training.max_steps, "preempted": preempted,
         "final_loss": record.get("loss"), "eval_loss": record.get("eval_loss"),
         "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size,
         "wall_s": time.perf_counter() - started,
@@ -108,6 +138,8 @@ def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo()
     }
     if strategy.is_logging_rank:
         (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        if preempted:
+            (run_dir / PREEMPTED_FILE).write_text(json.dumps({"step": step, "checkpoint": summary["checkpoint"]}))
     return summary
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from launcher.guards import PreemptionFlag
 from launcher.imports import ensure_cwd_importable
 from launcher.plan import make_plan
 from launcher.spec import spec_from_json_file
@@ -44,11 +45,12 @@ def main(argv: list[str] | None = None) -> None:
             f"rank {ranks.rank} sees WORLD_SIZE={ranks.world_size}, but the plan needs {plan.world_size}"
             " processes: the executor started the wrong number of processes"
         )
+    preemption = PreemptionFlag().install()  # SIGTERM: checkpoint at the next step boundary, exit 0
     distributed = plan.strategy != "single"
     if distributed:
         dist.init_process_group(plan.backend, timeout=timedelta(seconds=spec.training.collective_timeout_s))
     try:
-        summary = train(spec, plan, spec_path.parent, ranks)
+        summary = train(spec, plan, spec_path.parent, ranks, preemption)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def format_summary(summary: dict) -> str:
-    parts = [f"done: {summary['steps']}/{summary['max_steps']} steps in {summary['wall_s']:.1f} s"]
+    verb = "preempted" if summary.get("preempted") else "done"
+    parts = [f"{verb}: {summary['steps']}/{summary['max_steps']} steps in {summary['wall_s']:.1f} s"]
     for key in ("final_loss", "eval_loss"):
         if summary.get(key) is not None:
             parts.append(f"{key.replace('_', ' ')} {summary[key]:.5f}")

@@ -43,6 +43,9 @@ class Strategy(Protocol):
     def optimizer_step(self) -> None:
         """Step the optimizer and zero the gradients."""
 
+    def discard_grads(self) -> None:
+        """Drop this window's gradients without stepping (a skipped non-finite update)."""
+
     def evaluate(self, batch: Batch) -> torch.Tensor:
         """Mean loss of one eval batch, no gradients."""
 

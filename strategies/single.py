@@ -61,6 +61,9 @@ class SingleProcessStrategy:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def discard_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> torch.Tensor:
         self.model.eval()

@@ -79,7 +79,12 @@ class TrainingSpec(Section):
     stop_at_step: int | None = Field(
         default=None, gt=0, description="end this launch after this step (checkpointed); a later launch resumes"
     )
-    collective_timeout_s: float = Field(default=300.0, gt=0, description="process-group timeout")
+    collective_timeout_s: float = Field(
+        default=300.0, gt=0, description="process-group timeout; also how long the launcher waits on a job with no progress"
+    )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update"
+    )
 
 
 class StrategySpec(Section):
@@ -109,11 +114,16 @@ class ResourcesSpec(Section):
 
 
 class CheckpointSpec(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     resume: str = Field(
         default="auto",
         description="auto = newest complete checkpoint of this run, never = refuse an existing one, or a checkpoint path",
     )
     keep: int = Field(default=3, gt=0, description="complete checkpoints kept; older ones pruned")
+    async_save: bool = Field(
+        default=False, alias="async", description="write shards in the background (DCP async_save) while training goes on"
+    )
 
 
 class OutputSpec(Section):

@@ -1,0 +1,45 @@
+"""Per-step agreement between ranks: stop for preemption, skip or stop on a non-finite loss/gradient.
+
+One tiny all-reduce per step, so every rank takes the same branch: a rank that alone skipped an
+update or left the loop would desynchronize the collectives of the next step.
+"""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+import torch
+
+from strategies import Strategy
+
+
+class NonFiniteError(RuntimeError):
+    """Raised on every rank when training.on_nonfinite is `stop` and a step went NaN/Inf."""
+
+
+class PreemptionFlag:
+    """Set by SIGTERM; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> "PreemptionFlag":
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+@dataclass(frozen=True)
+class Verdict:
+    nonfinite: bool
+    preempt: bool
+
+
+def check_step(strategy: Strategy, loss: torch.Tensor, grad_norm: torch.Tensor,
+               preemption: PreemptionFlag | None) -> Verdict:
+    local_bad = not (torch.isfinite(loss).all() and torch.isfinite(grad_norm).all())
+    flags = torch.tensor([float(local_bad), float(preemption is not None and preemption.requested)])
+    flags = strategy.reduce_sum(flags)
+    return Verdict(nonfinite=bool(flags[0] > 0), preempt=bool(flags[1] > 0))
