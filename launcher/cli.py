@@ -1,16 +1,17 @@
 """`meshyard` command line: launch, plan, validate, schema.
 
-User errors print one line (`error: <field or file>: <what is allowed>`) and exit 2; a failed launch
-prints each failing rank's error and exits 1; Ctrl-C stops every process of the job and exits 130.
+Exit codes: 0 done; 2 bad input (one line `error: <field or file>: <what is allowed>`); 1 a rank
+failed or the job hung (each rank's error or where it was stuck); 75 preempted by SIGTERM after a
+checkpoint (run the same command to resume); 130 Ctrl-C (every process of the job stopped).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
+import time
 
-from launcher.errors import EXIT_USER_ERROR, LaunchError, UserError
+from launcher.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, LaunchError, UserError
 
 EXIT_INTERRUPTED = 130
 
@@ -93,10 +94,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
     request = session.dry_run(args.executor)
     session.write_spec()
     print(f"launching: {' '.join(request.argv)}", flush=True)
+    started = time.time()
     executor.run(request)
-    summary = session.run_dir / "summary.json"
-    if summary.is_file():
-        print(f"summary: {summary}")
+    step = session.preempted_step(since=started)
+    if step is not None:
+        print(f"preempted: checkpoint written at step {step}; run the same command to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+    print(f"summary: {session.run_dir / 'summary.json'}")
     return 0
 
 

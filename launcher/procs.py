@@ -28,6 +28,24 @@ def processes_with_marker(marker: str) -> list[int]:
     return found
 
 
+def worker_pids(marker: str) -> dict[int, int]:
+    """global rank -> PID of the run's worker processes (RANK read from each one's environment)."""
+    ranks = {}
+    for pid in processes_with_marker(marker):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"launcher.worker" not in cmdline or b"torch.distributed.run" in cmdline:
+                continue  # the agent's own command line names the worker module too
+            env = dict(
+                item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item
+            )
+        except OSError:
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
 def kill_marked(marker: str) -> list[int]:
     """SIGKILL every process of the run that is still alive; return their PIDs."""
     pids = processes_with_marker(marker)

@@ -29,21 +29,37 @@ class Session:
     def dry_run(self, executor_name: str):  # type: ignore[no-untyped-def]
         from launcher.executors import get_executor
 
-        return get_executor(executor_name).dry_run(self.plan, self.spec_path, self.spec.resources.max_restarts)
+        return get_executor(executor_name).dry_run(self.plan, self.spec_path, self.spec.resources.max_restarts,
+                                                   self.spec.training.collective_timeout_s)
 
     def check_resume(self) -> None:
         """Refuse to start if the resume setting would lose or misuse checkpoints."""
         from launcher.checkpoint import find_latest, is_complete
+        from launcher.compat import check_checkpoint_fits
 
         resume = self.spec.checkpoint.resume
+        latest = find_latest(self.run_dir / "checkpoints")
         if resume == "never":
-            existing = find_latest(self.run_dir / "checkpoints")
-            if existing is not None:
+            if latest is not None:
                 raise UserError(
-                    f"checkpoint.resume=never but {existing} exists; use resume: auto, or another name/output.dir"
+                    f"checkpoint.resume=never but {latest} exists; use resume: auto, or another name/output.dir"
                 )
-        elif resume != "auto" and not is_complete(Path(resume)):
-            raise UserError(f"checkpoint.resume={resume}: not a complete checkpoint directory (no manifest.json)")
+            return
+        if resume != "auto":
+            if not is_complete(Path(resume)):
+                raise UserError(f"checkpoint.resume={resume}: not a complete checkpoint directory (no manifest.json)")
+            latest = Path(resume)
+        if latest is not None:
+            check_checkpoint_fits(self.spec, latest)
+
+    def preempted_step(self, since: float) -> int | None:
+        """The step a preempted launch checkpointed at, if this launch (started at `since`) was preempted."""
+        from launcher.trainer import PREEMPTED_FILE
+
+        marker = self.run_dir / PREEMPTED_FILE
+        if marker.is_file() and marker.stat().st_mtime >= since:
+            return int(json.loads(marker.read_text())["step"])
+        return None
 
     def write_spec(self) -> None:
         """The resolved spec every rank reads; written atomically so no rank sees half a file."""

@@ -29,6 +29,23 @@ def rank_info_from_env() -> RankInfo:
     )
 
 
+def init_process_group(backend: str, ranks: RankInfo, timeout: timedelta) -> None:
+    """Join the job's process group through torchrun's environment contract.
+
+    Under torchrun the agent's store outlives a restart of the worker group, and torch 2.13 does not
+    namespace it by attempt: a restarted group read the dead group's gloo addresses and hung or got
+    "Connection refused". Keys are therefore namespaced by TORCHELASTIC_RESTART_COUNT here.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ranks.world_size,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"meshyard/attempt_{attempt}", store),
+                            rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
+
+
 @record  # writes this rank's exception to torchrun's error file, so the launcher can report it
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
@@ -48,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     preemption = PreemptionFlag().install()  # SIGTERM: checkpoint at the next step boundary, exit 0
     distributed = plan.strategy != "single"
     if distributed:
-        dist.init_process_group(plan.backend, timeout=timedelta(seconds=spec.training.collective_timeout_s))
+        init_process_group(plan.backend, ranks, timedelta(seconds=spec.training.collective_timeout_s))
     try:
         summary = train(spec, plan, spec_path.parent, ranks, preemption)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,30 @@ def curve(run: Path, key: str = "loss") -> list[float]:
 def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def start_launch(spec_path: Path, *overrides: str) -> subprocess.Popen[str]:
+    """`meshyard launch` in the background; stdout/stderr are read with .communicate()."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    return subprocess.Popen([MESHYARD, "launch", str(spec_path), *sets], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_step(run: Path, step: int, timeout: float = 120.0) -> int:
+    """Block until rank 0 has logged `step` (or later); return the newest logged step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = read_metrics(run)
+        if records and records[-1]["step"] >= step:
+            return records[-1]["step"]
+        time.sleep(0.02)
+    raise AssertionError(f"{run} never reached step {step}")
+
+
+def comparable(run: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without the wall-clock fields, for exact comparison between runs."""
+    return [{k: v for k, v in m.items() if k not in ("samples_per_s", "step_time_s")} for m in read_metrics(run)]
+
+
+def params_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,9 @@ class LaunchRequest:
     files: dict[str, str] = field(default_factory=dict)  # path -> what it is
     marker: str = ""  # a string on every process's command line of this run
     log_dir: str = ""  # where the ranks' error files land
+    heartbeat_dir: str = ""  # where the ranks' heartbeat files land
+    world_size: int = 1
+    hang_timeout_s: float = 300.0  # no progress by any rank for this long = a hang
 
     def render(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))

@@ -54,6 +54,6 @@ def test_dry_run_is_data(tmp_path):
     from launcher.executors.local import LocalExecutor
 
     spec = load_spec(make_spec(tmp_path, resources={"procs_per_node": 2}))
-    request = LocalExecutor().dry_run(make_plan(spec), tmp_path / "spec.json", max_restarts=0)
+    request = LocalExecutor().dry_run(make_plan(spec), tmp_path / "spec.json", max_restarts=0, hang_timeout_s=60)
     assert request.argv[1:3] == ("-m", "torch.distributed.run")
     assert request.env["OMP_NUM_THREADS"] and request.marker == str(tmp_path / "spec.json")

@@ -1,0 +1,36 @@
+"""Refuse, before any process starts, to resume from a checkpoint that does not fit the spec's model.
+
+The model is built on the meta device (no memory, no init cost) and its parameter shapes are
+compared with the tensor shapes recorded in the checkpoint's DCP metadata.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from launcher.components import model_factory
+from launcher.errors import UserError
+from launcher.spec.schema import JobSpec
+
+
+def check_checkpoint_fits(spec: JobSpec, checkpoint: Path) -> None:
+    saved = {
+        key.removeprefix("model."): tuple(meta.size)
+        for key, meta in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    with torch.device("meta"):
+        model = model_factory(spec.model)()
+    wanted = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    keep = "the checkpoints were left untouched; start fresh with another name or output.dir"
+    for key, shape in wanted.items():
+        if key not in saved:
+            raise UserError(f"{checkpoint}: has no tensor {key!r} that the spec's model needs; {keep}")
+        if saved[key] != shape:
+            raise UserError(f"{checkpoint}: {key} is {list(saved[key])} there but {list(shape)} in the spec's model; {keep}")
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+        raise UserError(f"{checkpoint}: holds {extra[0]!r} (+{len(extra) - 1} more) that the spec's model lacks; {keep}")

@@ -1,0 +1,142 @@
+"""Faults injected from outside by PID: SIGKILL of a rank, SIGTERM, Ctrl-C, a hung rank, NaN steps.
+
+Every recovery is held to the uninterrupted run: same metrics and parameters, bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.procs import processes_with_marker, worker_pids
+from tests.helpers import (comparable, final_params, launch_ok, make_spec, meshyard, params_equal, run_dir,
+                           start_launch, wait_for_step)
+
+pytestmark = pytest.mark.distributed
+
+# ~50 ms of data loading per step per rank, so a test can act between steps.
+SLOW = {
+    "data": {"target": "tests.fixtures.faulty:SlowDataset", "micro_batch_size": 4,
+             "kwargs": {"n": 96, "in_dim": 8, "out_dim": 1, "delay_s": 0.004}},
+    "optimizer": {"name": "adam", "lr": 0.01, "l1": 1.0e-4, "l2": 1.0e-3, "grad_clip": 0.5},
+    "schedule": {"warmup_steps": 3, "decay": "cosine"},
+    "training": {"max_steps": 20, "grad_accum_steps": 3, "log_every": 1, "checkpoint_every": 4},
+    "strategy": {"name": "ddp"},
+    "resources": {"procs_per_node": 2, "max_restarts": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every recovery is compared with."""
+    tmp = tmp_path_factory.mktemp("reference")
+    spec = make_spec(tmp, "reference", **SLOW)
+    run = launch_ok(spec)
+    return comparable(run), final_params(run, spec)
+
+
+def assert_same_as_reference(run: Path, spec: Path, reference) -> None:
+    metrics, params = reference
+    assert [m["step"] for m in comparable(run)] == list(range(1, 21))
+    assert comparable(run) == metrics
+    assert params_equal(final_params(run, spec), params)
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_sigkill_of_a_random_rank_recovers_bit_exact(tmp_path, reference, trial):
+    rng = random.Random(trial)
+    kill_step, victim = rng.randint(2, 17), rng.randint(0, 1)
+    spec = make_spec(tmp_path, "killed", **SLOW)
+    run = run_dir(spec)
+    launch = start_launch(spec)
+    seen = wait_for_step(run, kill_step)
+    os.kill(worker_pids(str(run / "spec.json"))[victim], signal.SIGKILL)
+    out, err = launch.communicate(timeout=240)
+    assert launch.returncode == 0, err[-3000:]
+    assert list(run.glob("logs/*/attempt_1"))  # the agent restarted the whole group
+    if seen > 4:  # step 4's checkpoint was complete before step 5 was logged
+        assert "resumed from" in out
+    assert_same_as_reference(run, spec, reference)
+
+
+def test_async_checkpoints_do_not_change_the_run(tmp_path, reference):
+    spec = make_spec(tmp_path, "async", **{**SLOW, "checkpoint": {"async": True}})
+    run = launch_ok(spec)
+    assert_same_as_reference(run, spec, reference)
+    assert (run / "checkpoints" / "step_00000020" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("target", ["launcher", "rank 1"])
+def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(tmp_path, reference, target):
+    spec = make_spec(tmp_path, "preempted", **SLOW)
+    run = run_dir(spec)
+    launch = start_launch(spec)
+    wait_for_step(run, 6)
+    pid = launch.pid if target == "launcher" else worker_pids(str(run / "spec.json"))[1]
+    os.kill(pid, signal.SIGTERM)
+    out, err = launch.communicate(timeout=120)
+    assert launch.returncode == 75, err[-3000:]
+    stopped_at = int(err.split("checkpoint written at step ")[1].split(";")[0])
+    assert 6 <= stopped_at < 20
+    assert (run / "checkpoints" / f"step_{stopped_at:08d}" / "manifest.json").is_file()
+    launch_ok(spec)
+    assert_same_as_reference(run, spec, reference)
+
+
+def test_ctrl_c_stops_every_process_and_frees_the_port(tmp_path):
+    spec = make_spec(tmp_path, "interrupted", **{**SLOW, "training": {**SLOW["training"], "max_steps": 2000}})
+    run = run_dir(spec)
+    launch = start_launch(spec)
+    wait_for_step(run, 3)
+    marker = str(run / "spec.json")
+    port = int(_environ(worker_pids(marker)[0])["MASTER_PORT"])
+    launch.send_signal(signal.SIGINT)
+    launch.communicate(timeout=10)
+    assert launch.returncode == 130
+    assert processes_with_marker(marker) == []
+    with socket.socket() as sock:  # the rendezvous port is free again
+        sock.bind(("127.0.0.1", port))
+
+
+def test_hung_rank_is_named_and_torn_down(tmp_path):
+    model = {"target": "tests.fixtures.faulty:HangingMLP",
+             "kwargs": {"hang_rank": 1, "hang_call": 13, "in_dim": 8, "hidden": 16, "out_dim": 1}}
+    spec = make_spec(tmp_path, "hung", **{**SLOW, "model": model})
+    timeout_s = 10
+    started = time.monotonic()
+    result = meshyard("launch", str(spec), "--set", f"training.collective_timeout_s={timeout_s}")
+    assert time.monotonic() - started < timeout_s + 30 + 15  # + 15: starting torch and the ranks
+    assert result.returncode == 1
+    report = result.stderr[result.stderr.index("error: the job hung"):].splitlines()
+    assert report[1].startswith("  rank 1 (first to fail): stuck after step 4 (step), in ")
+    assert "faulty.py" in report[1] and "in forward" in report[1]
+    assert processes_with_marker(str(run_dir(spec) / "spec.json")) == []
+
+
+def test_nonfinite_stop_names_the_step(tmp_path):
+    # Item 50 is consumed by step 3 (items [48, 72) with shuffle off and a global batch of 4 x 3 x 2).
+    data = {**SLOW["data"], "shuffle": False, "kwargs": {**SLOW["data"]["kwargs"], "nan_items": [50]}}
+    spec = make_spec(tmp_path, "nan", **{**SLOW, "data": data, "resources": {"procs_per_node": 2},
+                                         "training": {**SLOW["training"], "on_nonfinite": "stop"}})
+    result = meshyard("launch", str(spec))
+    assert result.returncode == 1
+    assert "NonFiniteError: step 3: the loss or gradient norm is not finite" in result.stderr
+
+
+def test_two_jobs_at_the_same_time_both_succeed(tmp_path):
+    specs = [make_spec(tmp_path, f"twin{i}", **SLOW) for i in range(2)]
+    launches = [start_launch(spec) for spec in specs]
+    for launch in launches:
+        _, err = launch.communicate(timeout=240)
+        assert launch.returncode == 0, err[-2000:]
+    assert comparable(run_dir(specs[0])) == comparable(run_dir(specs[1]))
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
