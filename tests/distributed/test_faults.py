@@ -5,7 +5,6 @@ Every recovery is held to the uninterrupted run: same metrics and parameters, bi
 from __future__ import annotations
 
 import os
-import random
 import signal
 import socket
 import time
@@ -14,30 +13,17 @@ from pathlib import Path
 import pytest
 
 from launcher.procs import processes_with_marker, worker_pids
+from tests.faults import SLOW, kill_random_rank_trial, reference_run
 from tests.helpers import (comparable, final_params, launch_ok, make_spec, meshyard, params_equal, run_dir,
                            start_launch, wait_for_step)
 
 pytestmark = pytest.mark.distributed
 
-# ~50 ms of data loading per step per rank, so a test can act between steps.
-SLOW = {
-    "data": {"target": "tests.fixtures.faulty:SlowDataset", "micro_batch_size": 4,
-             "kwargs": {"n": 96, "in_dim": 8, "out_dim": 1, "delay_s": 0.004}},
-    "optimizer": {"name": "adam", "lr": 0.01, "l1": 1.0e-4, "l2": 1.0e-3, "grad_clip": 0.5},
-    "schedule": {"warmup_steps": 3, "decay": "cosine"},
-    "training": {"max_steps": 20, "grad_accum_steps": 3, "log_every": 1, "checkpoint_every": 4},
-    "strategy": {"name": "ddp"},
-    "resources": {"procs_per_node": 2, "max_restarts": 1},
-}
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run every recovery is compared with."""
-    tmp = tmp_path_factory.mktemp("reference")
-    spec = make_spec(tmp, "reference", **SLOW)
-    run = launch_ok(spec)
-    return comparable(run), final_params(run, spec)
+    return reference_run(tmp_path_factory.mktemp("reference"))
 
 
 def assert_same_as_reference(run: Path, spec: Path, reference) -> None:
@@ -49,19 +35,11 @@ def assert_same_as_reference(run: Path, spec: Path, reference) -> None:
 
 @pytest.mark.parametrize("trial", range(5))
 def test_sigkill_of_a_random_rank_recovers_bit_exact(tmp_path, reference, trial):
-    rng = random.Random(trial)
-    kill_step, victim = rng.randint(2, 17), rng.randint(0, 1)
-    spec = make_spec(tmp_path, "killed", **SLOW)
-    run = run_dir(spec)
-    launch = start_launch(spec)
-    seen = wait_for_step(run, kill_step)
-    os.kill(worker_pids(str(run / "spec.json"))[victim], signal.SIGKILL)
-    out, err = launch.communicate(timeout=240)
-    assert launch.returncode == 0, err[-3000:]
-    assert list(run.glob("logs/*/attempt_1"))  # the agent restarted the whole group
-    if seen > 4:  # step 4's checkpoint was complete before step 5 was logged
-        assert "resumed from" in out
-    assert_same_as_reference(run, spec, reference)
+    result = kill_random_rank_trial(tmp_path, trial, reference)
+    assert result["exit_code"] == 0, result["stderr_tail"]
+    assert result["restarted"]  # the agent restarted the whole group
+    assert result["resumed"] == result["expected_resume"]  # from the newest checkpoint, when there was one
+    assert result["bit_exact"]
 
 
 def test_async_checkpoints_do_not_change_the_run(tmp_path, reference):
