@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_spec("plan", "print the plan and the exact command a launch would run; starts nothing")
     with_spec("validate", "check a spec file (fields, types, ranges, importable targets)")
     commands.add_parser("schema", help="print the job spec's JSON Schema", description="print the job spec's JSON Schema")
+    quantize = commands.add_parser(
+        "quantize", help="post-training int8 quantization of a run's newest checkpoint, with a report",
+        description="post-training int8 quantization of a run's newest checkpoint; writes RUN/quantized/"
+                    " (model_fp32.pt, model_int8.pt, report.json: size, eval metric, CPU latency before/after)")
+    quantize.add_argument("run", help="a run directory (<output.dir>/<name>)")
+    quantize.add_argument("--method", default="dynamic_int8", help="dynamic_int8 (default) or static_int8")
+    quantize.add_argument("--calibrate", type=int, default=None, metavar="N",
+                          help="static_int8 only: calibrate on N training batches (default 16)")
     return parser
 
 
@@ -89,7 +97,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     executor = get_executor(args.executor)  # fail on a bad name before any work
     session = prepare(args.spec, args.overrides)
-    session.check_resume()
+    session.check_before_launch()
     print(session.plan.describe(), flush=True)
     request = session.dry_run(args.executor)
     session.write_spec()
@@ -104,7 +112,23 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch}
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.compression.quantize import quantize_run
+
+    report = quantize_run(Path(args.run), args.method, args.calibrate)
+    size, ev, lat = report["size_bytes"], report["eval"], report["latency_ms_median"]
+    print(f"{args.method}: size {size['fp32']} -> {size['int8']} bytes ({report['size_ratio']:.2f}x)")
+    for key in ev["fp32"]:
+        print(f"eval {key}: {ev['fp32'][key]:.4f} -> {ev['int8'][key]:.4f}")
+    print(f"CPU latency (median, batch {lat['batch_size']}): {lat['fp32']:.3f} -> {lat['int8']:.3f} ms")
+    print(f"wrote {Path(args.run) / 'quantized'}")
+    return 0
+
+
+COMMANDS = {"schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch,
+            "quantize": cmd_quantize}
 
 
 if __name__ == "__main__":

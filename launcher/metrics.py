@@ -69,6 +69,8 @@ def format_record(r: dict[str, Any]) -> str:
         parts.append(f"penalty {r['penalty']:.5f}")
     if "eval_loss" in r:
         parts.append(f"eval_loss {r['eval_loss']:.5f}")
+    if "eval_accuracy" in r:
+        parts.append(f"eval_acc {r['eval_accuracy']:.3f}")
     parts += [f"lr {r['lr']:.2e}", f"grad_norm {r['grad_norm']:.3f}",
               f"{r['samples_per_s']:.0f} samples/s", f"{1000 * r['step_time_s']:.1f} ms/step"]
     return " | ".join(parts)

@@ -32,7 +32,15 @@ class Session:
         return get_executor(executor_name).dry_run(self.plan, self.spec_path, self.spec.resources.max_restarts,
                                                    self.spec.training.collective_timeout_s)
 
-    def check_resume(self) -> None:
+    def check_before_launch(self) -> None:
+        """Checks that need the filesystem: checkpoints to resume from, a distillation teacher."""
+        self._check_resume()
+        if self.spec.compression.distill is not None:
+            from launcher.compression.distill import teacher_checkpoint
+
+            teacher_checkpoint(self.spec.compression.distill.teacher)
+
+    def _check_resume(self) -> None:
         """Refuse to start if the resume setting would lose or misuse checkpoints."""
         from launcher.checkpoint import find_latest, is_complete
         from launcher.compat import check_checkpoint_fits

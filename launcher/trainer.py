@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from launcher.checkpoint import Checkpointer, find_latest
 from launcher.components import build_datasets, build_loss, model_factory
+from launcher.compression.hooks import Compression
 from launcher.guards import NonFiniteError, PreemptionFlag, check_step
 from launcher.heartbeat import Heartbeat
 from launcher.metrics import MetricsLogger, read_metrics
@@ -54,7 +55,10 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
     strategy = build_strategy(plan.strategy, device, spec.training.precision)
-    strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), build_loss(spec.loss))
+    task_loss = build_loss(spec.loss)
+    compression = Compression(spec.compression, device)
+    strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
+    compression.attach(strategy)
     scheduler = build_scheduler(strategy.optimizer, spec.schedule, spec.training.max_steps)
     train_set, eval_set = build_datasets(spec.data)
 
@@ -63,7 +67,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     checkpointer.remove_partials()
     resume_from = _resume_path(spec, run_dir)
     if resume_from is not None:
-        start_step = _restore(checkpointer, resume_from, strategy, scheduler)
+        start_step = _restore(checkpointer, resume_from, strategy, scheduler, compression)
     else:
         start_step = 0
         seed_all(spec.seed + ranks.rank)  # runtime randomness (dropout) differs per rank
@@ -79,12 +83,15 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     if resume_from is not None:
         logger.say(f"resumed from {resume_from} at step {start_step}")
 
+    def evaluate() -> dict[str, float]:
+        return _evaluate(strategy, eval_set, spec.data.micro_batch_size, task_loss)
+
     record: dict[str, Any] = {}
     elapsed, timed_steps, step, preempted = 0.0, 0, start_step, False
     for step in range(start_step + 1, end_step + 1):
         heartbeat.update(step - 1, "step")
         tick = time.perf_counter()
-        window = [next(batches) for _ in range(training.grad_accum_steps)]
+        window = compression.prepare_window([next(batches) for _ in range(training.grad_accum_steps)])
         loss = strategy.forward_backward(window)
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)
@@ -98,7 +105,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             logger.say(f"step {step}: non-finite loss or gradient norm, update skipped (training.on_nonfinite=skip)")
         else:
             strategy.optimizer_step()
-        scheduler.step()  # the schedule's clock is the step count, skipped updates included
+        scheduler.step()
+        compression.after_step(step, evaluate if eval_set is not None else None)  # the schedule's clock is the step count, skipped updates included
         elapsed, timed_steps = elapsed + time.perf_counter() - tick, timed_steps + 1
         logger.advance()
 
@@ -114,12 +122,12 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             }
             if eval_due:
                 heartbeat.update(step, "eval")
-                record["eval_loss"] = _evaluate(strategy, eval_set, spec.data.micro_batch_size)
+                record.update(evaluate())
             logger.log(record)
             elapsed, timed_steps = 0.0, 0
         if (training.checkpoint_every and step % training.checkpoint_every == 0) or step == end_step or verdict.preempt:
             heartbeat.update(step, "checkpoint")
-            checkpointer.save(step, strategy.state_dict(), _rank_state(step, scheduler))
+            checkpointer.save(step, strategy.state_dict(), _rank_state(step, scheduler, compression))
         if verdict.preempt:
             preempted = True
             break
@@ -132,9 +140,11 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     summary = {
         "name": spec.name, "steps": step, "max_steps": training.max_steps, "preempted": preempted,
         "final_loss": record.get("loss"), "eval_loss": record.get("eval_loss"),
+        "eval_accuracy": record.get("eval_accuracy"),
         "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size,
         "wall_s": time.perf_counter() - started,
         "checkpoint": str(find_latest(run_dir / "checkpoints")),
+        **compression.finish(run_dir, ranks.rank),
     }
     if strategy.is_logging_rank:
         (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
@@ -165,27 +175,40 @@ def _resume_path(spec: JobSpec, run_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def _restore(checkpointer: Checkpointer, path: Path, strategy: Strategy, scheduler: Any) -> int:
+def _restore(checkpointer: Checkpointer, path: Path, strategy: Strategy, scheduler: Any,
+             compression: Compression) -> int:
     state = strategy.state_dict()
     extra = checkpointer.load(path, state)
     strategy.load_state_dict(state)
     # LambdaLR's state carries the lambda object; ours is rebuilt from the spec, so only counters travel.
     scheduler.load_state_dict({**extra["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     restore_rng(extra["rng"])
+    compression.load_state_dict(extra.get("compression", {}))
     return int(extra["step"])
 
 
-def _rank_state(step: int, scheduler: Any) -> dict[str, Any]:
+def _rank_state(step: int, scheduler: Any, compression: Compression) -> dict[str, Any]:
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    return {"step": step, "scheduler": sched, "rng": capture_rng()}
+    return {"step": step, "scheduler": sched, "rng": capture_rng(), "compression": compression.state_dict()}
 
 
-def _evaluate(strategy: Strategy, eval_set: Dataset, batch_size: int) -> float:
-    """Mean loss over the whole eval split; each data-parallel rank scores a strided share."""
+def _evaluate(strategy: Strategy, eval_set: Dataset, batch_size: int, loss_fn: Any) -> dict[str, float]:
+    """Mean task loss (and accuracy, for class labels) over the whole eval split.
+
+    Each data-parallel rank scores a strided share; sums are reduced over the dp group.
+    """
     shard = Subset(eval_set, range(strategy.dp_rank, len(eval_set), strategy.dp_size))
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    classify = False
     for inputs, targets in DataLoader(shard, batch_size=batch_size):
-        totals[0] += strategy.evaluate((inputs, targets)).double().cpu() * len(inputs)
-        totals[1] += len(inputs)
+        output = strategy.evaluate(inputs).cpu()
+        totals[0] += loss_fn(output, targets).double() * len(inputs)
+        if output.ndim == 2 and output.shape[1] > 1 and not targets.is_floating_point():
+            classify = True
+            totals[1] += (output.argmax(dim=1) == targets).sum()
+        totals[2] += len(inputs)
     totals = strategy.reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
+    metrics = {"eval_loss": (totals[0] / totals[2]).item()}
+    if classify:
+        metrics["eval_accuracy"] = (totals[1] / totals[2]).item()
+    return metrics

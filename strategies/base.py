@@ -24,6 +24,7 @@ class Strategy(Protocol):
     dp_size: int
     is_logging_rank: bool
     optimizer: torch.optim.Optimizer
+    model_parts: list[nn.Module]  # the unwrapped model (one part; pipeline stages later)
 
     def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         """Build model and optimizer in ONE call: sharding strategies own both together."""
@@ -46,8 +47,8 @@ class Strategy(Protocol):
     def discard_grads(self) -> None:
         """Drop this window's gradients without stepping (a skipped non-finite update)."""
 
-    def evaluate(self, batch: Batch) -> torch.Tensor:
-        """Mean loss of one eval batch, no gradients."""
+    def evaluate(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's output for one eval batch (eval mode, no gradients); metrics are the loop's job."""
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Average a scalar over the data-parallel group (every rank gets the result)."""

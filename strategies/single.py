@@ -65,10 +65,10 @@ class SingleProcessStrategy:
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def evaluate(self, batch: Batch) -> torch.Tensor:
+    def evaluate(self, inputs: torch.Tensor) -> torch.Tensor:
         self.model.eval()
         try:
-            return self._loss(batch).detach().float()
+            return self._forward(inputs.to(self.device)).float()
         finally:
             self.model.train()
 
@@ -86,8 +86,21 @@ class SingleProcessStrategy:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def _loss(self, batch: Batch) -> torch.Tensor:
-        inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
+        inputs, targets = to_device(batch, self.device)
+        return self.loss_fn(self._forward(inputs).float(), targets)
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            output = self.model(inputs)
-        return self.loss_fn(output.float(), targets)
+            return self.model(inputs)
+
+    @property
+    def model_parts(self) -> list[nn.Module]:
+        return [self.module]
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Move a tensor, or nested tuples/lists of them (e.g. labels + teacher logits), to `device`."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value.to(device, non_blocking=True)

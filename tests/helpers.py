@@ -16,6 +16,7 @@ from launcher.checkpoint import find_latest
 from launcher.components import model_factory
 from launcher.metrics import read_metrics
 from launcher.plan import make_plan
+from launcher.session import prepare
 from launcher.spec import load_spec
 from launcher.trainer import train
 
@@ -70,12 +71,10 @@ def launch_ok(spec_path: Path, *overrides: str) -> Path:
 
 def train_in_process(spec_path: Path, *overrides: str) -> Path:
     """A 1-process reference run, in this process (no torchrun, no process group)."""
-    spec = load_spec(spec_path, list(overrides))
-    plan = make_plan(spec)
-    out = Path(spec.output.dir) / spec.name
-    out.mkdir(parents=True, exist_ok=True)
-    train(spec, plan, out)
-    return out
+    session = prepare(str(spec_path), list(overrides))
+    session.write_spec()  # like a launch, so the run directory is complete (quantize, teachers read it)
+    train(session.spec, session.plan, session.run_dir)
+    return session.run_dir
 
 
 def final_params(run: Path, spec_path: Path) -> dict[str, torch.Tensor]:

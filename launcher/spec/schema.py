@@ -130,6 +130,61 @@ class OutputSpec(Section):
     dir: str = Field(default="runs", min_length=1, description="the run directory is <dir>/<name>")
 
 
+class PruneScheduleSpec(Section):
+    start_step: int = Field(default=0, ge=0, description="first pruning event (after this optimizer step)")
+    end_step: int = Field(gt=0, description="target sparsity is reached at this step")
+    every: int = Field(default=10, gt=0, description="steps between pruning events")
+    ramp: Literal["cubic", "linear"] = Field(default="cubic", description="sparsity ramp from start to end")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PruneScheduleSpec":
+        if self.end_step < self.start_step:
+            raise ValueError("end_step must not be before start_step")
+        return self
+
+
+class PruneSpec(Section):
+    """Gradual pruning of every nn.Linear weight, masks computed by torch.nn.utils.prune."""
+
+    method: Literal["magnitude", "l1_structured"] = "magnitude"
+    scope: Literal["global", "per_layer"] = "global"
+    amount: float = Field(ge=0, le=1, description="target sparsity (fraction of pruned weights)")
+    schedule: PruneScheduleSpec
+
+    @model_validator(mode="after")
+    def _structured_is_per_layer(self) -> "PruneSpec":
+        if self.method == "l1_structured" and self.scope == "global":
+            raise ValueError("method l1_structured prunes whole rows per layer; use scope: per_layer")
+        return self
+
+
+class TeacherSpec(Section):
+    target: str | None = Field(default=None, pattern=IMPORT_PATH, description="teacher architecture")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = Field(
+        default=None, description="a meshyard run directory (or checkpoint directory) holding the teacher's weights"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        if self.target is None and self.checkpoint is None:
+            raise ValueError("give target (+ kwargs), checkpoint, or both")
+        return self
+
+
+class DistillSpec(Section):
+    """loss = alpha * KL(student/T || teacher/T) * T^2 + (1 - alpha) * task loss."""
+
+    teacher: TeacherSpec
+    temperature: float = Field(default=2.0, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+
+class CompressionSpec(Section):
+    prune: PruneSpec | None = None
+    distill: DistillSpec | None = None
+
+
 class JobSpec(Section):
     """A whole training job: WHAT to train. Where it runs comes from resources / the executor."""
 
@@ -149,3 +204,4 @@ class JobSpec(Section):
     resources: ResourcesSpec = ResourcesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     output: OutputSpec = OutputSpec()
+    compression: CompressionSpec = CompressionSpec()

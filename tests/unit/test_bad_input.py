@@ -31,6 +31,8 @@ CASES = [
     ("bad --set syntax", {}, ["--set", "optimizer.lr"], "--set 'optimizer.lr': expected KEY=VALUE"),
     ("--set unknown field", {}, ["--set", "optimizer.learning_rate=0.1"], "optimizer.learning_rate: unknown key"),
     ("--set through a value", {}, ["--set", "loss.kind=x"], "loss: is a value, not a section"),
+    ("prune amount above 1", {"compression": {"prune": {"amount": 1.5, "schedule": {"end_step": 5}}}}, [], "compression.prune.amount: Input should be less than or equal to 1"),
+    ("structured global pruning", {"compression": {"prune": {"method": "l1_structured", "amount": 0.5, "schedule": {"end_step": 5}}}}, [], "compression.prune: method l1_structured prunes whole rows per layer; use scope: per_layer"),
     ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local"),
 ]
 RAW_FILES = [

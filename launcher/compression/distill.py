@@ -1,0 +1,86 @@
+"""Knowledge distillation: a frozen teacher's logits ride along with each micro-batch's targets.
+
+The teacher runs in the trainer (eval mode, no gradients, on every data-parallel rank for its own
+micro-batches), so strategies stay unaware of distillation: they only see a loss function whose
+target is a (labels, teacher_logits) pair.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.checkpoint import find_latest, is_complete
+from launcher.components import model_factory
+from launcher.errors import UserError
+from launcher.spec.schema import ComponentSpec, DistillSpec, TeacherSpec
+
+TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def teacher_checkpoint(spec: TeacherSpec) -> Path | None:
+    """The teacher's checkpoint directory, or a UserError if the spec names one that is not there."""
+    if spec.checkpoint is None:
+        return None
+    path = Path(spec.checkpoint)
+    found = path if is_complete(path) else find_latest(path / "checkpoints")
+    if found is None:
+        raise UserError(f"compression.distill.teacher.checkpoint={spec.checkpoint}: no complete checkpoint there"
+                        " (give a meshyard run directory or one of its checkpoints/step_* directories)")
+    return found
+
+
+def teacher_component(spec: TeacherSpec) -> ComponentSpec:
+    """The teacher's architecture: the spec's target, else the one recorded in the teacher's run."""
+    if spec.target is not None:
+        return ComponentSpec(target=spec.target, kwargs=spec.kwargs)
+    from launcher.spec import spec_from_json_file
+
+    checkpoint = teacher_checkpoint(spec)
+    run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_*
+    return spec_from_json_file(run_dir / "spec.json").model
+
+
+def build_teacher(spec: TeacherSpec, device: torch.device) -> nn.Module:
+    teacher = model_factory(teacher_component(spec))()
+    checkpoint = teacher_checkpoint(spec)
+    if checkpoint is not None:
+        state = {"model": teacher.state_dict()}
+        dcp.load(state, checkpoint_id=checkpoint)
+        teacher.load_state_dict(state["model"])
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class DistillationLoss:
+    """alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * task loss; plain targets -> task loss."""
+
+    def __init__(self, spec: DistillSpec, task_loss: TaskLoss) -> None:
+        self.temperature, self.alpha, self.task_loss = spec.temperature, spec.alpha, task_loss
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if not isinstance(target, (tuple, list)):
+            return self.task_loss(output, target)
+        labels, teacher_logits = target
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(output / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                        log_target=True, reduction="batchmean") * t * t
+        return self.alpha * soft + (1 - self.alpha) * self.task_loss(output, labels)
+
+
+class TeacherAnnotator:
+    """Turns (inputs, labels) micro-batches into (inputs, (labels, teacher_logits))."""
+
+    def __init__(self, teacher: nn.Module, device: torch.device) -> None:
+        self.teacher, self.device = teacher, device
+
+    @torch.no_grad()
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        inputs, labels = batch
+        return inputs, (labels, self.teacher(inputs.to(self.device)))

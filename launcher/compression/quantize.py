@@ -1,0 +1,145 @@
+"""Post-training int8 quantization of a finished run (`meshyard quantize RUN`), with a report.
+
+Uses torch.ao.quantization: dynamic int8 for nn.Linear (weights int8, activations quantized on the
+fly), or static int8 through FX graph mode with calibration batches. The artifact is a state dict
+(loadable with weights_only=True); `load_quantized` rebuilds the structure from the run's spec.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.utils.data import DataLoader
+
+from launcher.checkpoint import find_latest
+from launcher.components import build_datasets, build_loss, model_factory
+from launcher.errors import UserError
+from launcher.spec import JobSpec, spec_from_json_file
+
+METHODS = ("dynamic_int8", "static_int8")
+OUT_DIR = "quantized"
+LATENCY_REPEATS = 50
+
+
+def quantize_run(run_dir: Path, method: str, calibrate: int | None) -> dict[str, Any]:
+    """Quantize the run's newest checkpoint; write <run>/quantized/{model_fp32.pt, model_int8.pt, report.json}."""
+    spec, checkpoint = _run_inputs(run_dir, method, calibrate)
+    model = load_fp32(spec, checkpoint)
+    train_set, eval_set = build_datasets(spec.data)
+    eval_loader = DataLoader(eval_set if eval_set is not None else train_set, batch_size=spec.data.micro_batch_size)
+    calibration = [x for x, _ in DataLoader(train_set, batch_size=spec.data.micro_batch_size)][: calibrate or 16]
+    quantized = quantize(model, method, calibration)
+
+    staging = run_dir / f".{OUT_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    torch.save(model.state_dict(), staging / "model_fp32.pt")
+    torch.save(quantized.state_dict(), staging / "model_int8.pt")
+    loss_fn = build_loss(spec.loss)
+    example = next(iter(eval_loader))[0]
+    fp32_ms, int8_ms = _latency_ms(model, quantized, example)
+    report = {
+        "method": method, "checkpoint": str(checkpoint), "calibration_batches": len(calibration) if method == "static_int8" else 0,
+        "size_bytes": {"fp32": (staging / "model_fp32.pt").stat().st_size, "int8": (staging / "model_int8.pt").stat().st_size},
+        "eval": {"fp32": evaluate(model, eval_loader, loss_fn), "int8": evaluate(quantized, eval_loader, loss_fn)},
+        "latency_ms_median": {"fp32": fp32_ms, "int8": int8_ms, "batch_size": len(example)},
+    }
+    report["size_ratio"] = report["size_bytes"]["int8"] / report["size_bytes"]["fp32"]
+    (staging / "report.json").write_text(json.dumps(report, indent=1))
+    final = run_dir / OUT_DIR
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)  # the artifact appears whole or not at all
+    return report
+
+
+def _run_inputs(run_dir: Path, method: str, calibrate: int | None) -> tuple[JobSpec, Path]:
+    if method not in METHODS:
+        raise UserError(f"--method {method}: allowed: {', '.join(METHODS)}")
+    if calibrate is not None and (method != "static_int8" or calibrate <= 0):
+        raise UserError("--calibrate N: a positive number of batches, and only with --method static_int8")
+    if not (run_dir / "spec.json").is_file():
+        raise UserError(f"{run_dir}: not a meshyard run directory (no spec.json)")
+    checkpoint = find_latest(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise UserError(f"{run_dir}: has no complete checkpoint to quantize; train it first")
+    return spec_from_json_file(run_dir / "spec.json"), checkpoint
+
+
+def load_fp32(spec: JobSpec, checkpoint: Path) -> nn.Module:
+    model = model_factory(spec.model)()
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=checkpoint)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def quantize(model: nn.Module, method: str, calibration: list[torch.Tensor]) -> nn.Module:
+    import copy
+
+    from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
+
+    model = copy.deepcopy(model).eval()
+    if method == "dynamic_int8":
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    try:
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (calibration[0],))
+    except Exception as exc:  # symbolic tracing fails on data-dependent control flow
+        raise UserError(f"static_int8: the model cannot be traced for static quantization ({exc}); use dynamic_int8") from None
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch)
+    return convert_fx(prepared)
+
+
+def load_quantized(run_dir: Path) -> nn.Module:
+    """Rebuild the quantized model from <run>/quantized in any process (no process group needed)."""
+    report = json.loads((run_dir / OUT_DIR / "report.json").read_text())
+    spec = spec_from_json_file(run_dir / "spec.json")
+    train_set, _ = build_datasets(spec.data)
+    sample = next(iter(DataLoader(train_set, batch_size=spec.data.micro_batch_size)))[0]
+    # The structure comes from quantizing a fresh fp32 model; the values from the artifact.
+    model = quantize(model_factory(spec.model)(), report["method"], [sample])
+    model.load_state_dict(torch.load(run_dir / OUT_DIR / "model_int8.pt", weights_only=True))
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Any) -> dict[str, float]:
+    total, correct, count = 0.0, 0, 0
+    for inputs, targets in loader:
+        output = model(inputs)
+        total += loss_fn(output, targets).item() * len(inputs)
+        if output.ndim == 2 and output.shape[1] > 1 and not targets.is_floating_point():
+            correct += int((output.argmax(dim=1) == targets).sum())
+        count += len(inputs)
+    metrics = {"loss": total / count}
+    if correct or not loader.dataset[0][1].is_floating_point():
+        metrics["accuracy"] = correct / count
+    return metrics
+
+
+@torch.no_grad()
+def _latency_ms(fp32: nn.Module, int8: nn.Module, batch: torch.Tensor) -> tuple[float, float]:
+    """Median forward latency of each, interleaved call by call so machine noise hits both alike."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(5):
+        fp32(batch), int8(batch)  # warm-up
+    for _ in range(LATENCY_REPEATS):
+        for index, model in enumerate((fp32, int8)):
+            tick = time.perf_counter()
+            model(batch)
+            times[index].append(1000 * (time.perf_counter() - tick))
+    return statistics.median(times[0]), statistics.median(times[1])
