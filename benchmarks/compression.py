@@ -45,9 +45,8 @@ def train(workdir: Path, name: str, **sections) -> Path:
 
 
 def main() -> None:
-    from launcher.checkpoint import find_latest
-    from launcher.compression.quantize import load_fp32, load_quantized, quantize_run
-    from launcher.spec import spec_from_json_file
+    from launcher.compression.quantize import load_quantized, quantize_run
+    from launcher.export import load_run_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -65,8 +64,7 @@ def main() -> None:
 
         models, rows = {}, {}
         for label, run in runs.items():
-            spec = spec_from_json_file(run / "spec.json")
-            models[label] = load_fp32(spec, find_latest(run / "checkpoints"))
+            models[label] = load_run_model(run)[1]
             summary = json.loads((run / "summary.json").read_text())
             torch.save(models[label].state_dict(), work / "size.pt")
             rows[label] = {"eval_accuracy": summary["eval_accuracy"], "eval_loss": summary["eval_loss"],

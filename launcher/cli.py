@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_spec("plan", "print the plan and the exact command a launch would run; starts nothing")
     with_spec("validate", "check a spec file (fields, types, ranges, importable targets)")
     commands.add_parser("schema", help="print the job spec's JSON Schema", description="print the job spec's JSON Schema")
+    export = commands.add_parser(
+        "export", help="write a run's newest checkpoint as one consolidated state dict",
+        description="write a run's newest (possibly sharded) checkpoint as one consolidated state dict"
+                    " (torch.save; load with torch.load(weights_only=True)); no process group needed")
+    export.add_argument("run", help="a run directory (<output.dir>/<name>)")
+    export.add_argument("--out", default=None, help="output file (default RUN/export/model.pt)")
     quantize = commands.add_parser(
         "quantize", help="post-training int8 quantization of a run's newest checkpoint, with a report",
         description="post-training int8 quantization of a run's newest checkpoint; writes RUN/quantized/"
@@ -127,7 +133,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch,
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.export import export_run
+
+    out = export_run(Path(args.run), Path(args.out) if args.out else None)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch,
             "quantize": cmd_quantize}
 
 

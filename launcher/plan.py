@@ -1,4 +1,4 @@
-"""Pure planning: spec -> world size, mesh degrees, batch identity, device. No processes, no torch.
+"""Pure planning: spec -> world size, mesh degrees, batch identity, device, memory theory. No processes.
 
 Every value the user did not write down is recorded in `Plan.inferred`, so `meshyard plan` can say
 what was chosen and why.
@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from launcher.errors import PlanError
+from launcher.memory import theory_bytes_per_param
 from launcher.spec.schema import JobSpec
 
-IMPLEMENTED_STRATEGIES = ("single", "ddp")
+ZERO_STAGES_AVAILABLE = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,23 @@ class Plan:
     micro_batch_size: int
     grad_accum_steps: int
     global_batch_size: int
+    zero_stage: int | None = None
+    model_state_theory: dict[str, float] = field(default_factory=dict)
     inferred: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:
         lines = [
             f"world size       {self.world_size} = {self.nodes} node(s) x {self.procs_per_node} process(es)",
             f"mesh             data {self.dp_degree} x tensor {self.tp_degree} x pipeline {self.pp_degree}",
-            f"strategy         {self.strategy}",
+            f"strategy         {self.strategy}" + (f" stage {self.zero_stage}" if self.zero_stage else ""),
             f"device/backend   {self.device}/{self.backend}",
             f"global batch     {self.global_batch_size} = micro-batch {self.micro_batch_size}"
             f" x accumulation {self.grad_accum_steps} x data-parallel {self.dp_degree}",
         ]
+        if self.model_state_theory:
+            t = self.model_state_theory
+            lines.append(f"model state      {sum(t.values()):g} B/param (theory, fp32) = params {t['params']:g}"
+                         f" + grads {t['grads']:g} + optimizer {t['optim']:g}")
         lines += [f"inferred         {note}" for note in self.inferred]
         return "\n".join(lines)
 
@@ -74,6 +81,9 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         inferred.append(f"strategy.name = {strategy} (auto, world size {world})")
     if strategy == "single" and world != 1:
         raise PlanError(f"strategy.name=single runs one process, but the world size is {world}; use ddp or auto")
+    stage = spec.strategy.stage
+    if strategy == "zero" and stage not in ZERO_STAGES_AVAILABLE:
+        raise PlanError(f"strategy.stage={stage}: ZeRO stage {stage} is not available yet; allowed: 2, 3")
 
     device = res.device
     if device == "auto":
@@ -93,5 +103,6 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         world_size=world, nodes=res.nodes, procs_per_node=res.procs_per_node,
         dp_degree=dp, tp_degree=par.tensor, pp_degree=par.pipeline, strategy=strategy,
         device=device, backend=backend, micro_batch_size=micro, grad_accum_steps=accum,
-        global_batch_size=micro * accum * dp, inferred=tuple(inferred),
+        global_batch_size=micro * accum * dp, zero_stage=stage,
+        model_state_theory=theory_bytes_per_param(strategy, stage, dp, spec.optimizer), inferred=tuple(inferred),
     )

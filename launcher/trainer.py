@@ -20,6 +20,7 @@ from launcher.components import build_datasets, build_loss, model_factory
 from launcher.compression.hooks import Compression
 from launcher.guards import NonFiniteError, PreemptionFlag, check_step
 from launcher.heartbeat import Heartbeat
+from launcher.memory import model_state_bytes, peak_rss_bytes
 from launcher.metrics import MetricsLogger, read_metrics
 from launcher.optim import build_scheduler, optimizer_factory
 from launcher.plan import Plan
@@ -54,7 +55,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
            heartbeat: Heartbeat, started: float) -> dict[str, Any]:
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
-    strategy = build_strategy(plan.strategy, device, spec.training.precision)
+    strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage)
     task_loss = build_loss(spec.loss)
     compression = Compression(spec.compression, device)
     strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
@@ -96,6 +97,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)
         lr = scheduler.get_last_lr()[0]
+        memory = model_state_bytes([p for part in strategy.model_parts for p in part.parameters()],
+                                   strategy.optimizer)  # before the step zeroes the gradients
         verdict = check_step(strategy, loss, grad_norm, preemption)
         if verdict.nonfinite:
             if training.on_nonfinite == "stop":
@@ -119,6 +122,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
                 "lr": lr, "grad_norm": grad_norm.item(), "skipped": verdict.nonfinite,
                 "samples_per_s": layout.global_batch_size * timed_steps / elapsed,
                 "step_time_s": elapsed / timed_steps,
+                **{f"mem_{k}_bytes": v for k, v in memory.items()}, "peak_rss_bytes": peak_rss_bytes(),
             }
             if eval_due:
                 heartbeat.update(step, "eval")

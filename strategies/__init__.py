@@ -6,7 +6,7 @@ import torch
 from strategies.base import Strategy
 
 
-def build_strategy(name: str, device: torch.device, precision: str) -> Strategy:
+def build_strategy(name: str, device: torch.device, precision: str, stage: int | None = None) -> Strategy:
     if name == "single":
         from strategies.single import SingleProcessStrategy
 
@@ -15,6 +15,10 @@ def build_strategy(name: str, device: torch.device, precision: str) -> Strategy:
         from strategies.ddp import DDPStrategy
 
         return DDPStrategy(device, precision)
+    if name == "zero":
+        from strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(device, precision, stage or 3)
     raise ValueError(f"unknown strategy {name!r}")  # the plan only resolves implemented names
 
 

@@ -13,6 +13,11 @@ import torch
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The shard this rank stores: a DTensor's local tensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 @torch.no_grad()
 def add_l1_l2_(params: Iterable[torch.nn.Parameter], l1: float, l2: float,
                reduce_sum: ReduceFn | None = None) -> torch.Tensor:
@@ -23,12 +28,13 @@ def add_l1_l2_(params: Iterable[torch.nn.Parameter], l1: float, l2: float,
     for p in params:
         if p.grad is None:
             continue
+        grad, weight = local(p.grad), local(p.detach())
         if l1:
-            p.grad.add_(torch.sign(p), alpha=l1)
-            penalty += l1 * p.detach().abs().sum().double().cpu()
+            grad.add_(torch.sign(weight), alpha=l1)
+            penalty += l1 * weight.abs().sum().double().cpu()
         if l2:
-            p.grad.add_(p, alpha=2 * l2)
-            penalty += l2 * p.detach().pow(2).sum().double().cpu()
+            grad.add_(weight, alpha=2 * l2)
+            penalty += l2 * weight.pow(2).sum().double().cpu()
     if reduce_sum is not None:
         penalty = reduce_sum(penalty)
     return penalty.float()
@@ -42,7 +48,7 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float | None
     Computed from per-gradient squared norms rather than torch.nn.utils.clip_grad_norm_, which
     fails when DTensor and plain parameters, or parameters on different meshes, are mixed.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local(p.grad) for p in params if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float32)
     for g in grads:
         sq += g.detach().float().pow(2).sum().cpu()

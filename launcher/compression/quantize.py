@@ -11,19 +11,17 @@ import os
 import shutil
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.utils.data import DataLoader
 
-from launcher.checkpoint import find_latest
 from launcher.components import build_datasets, build_loss, model_factory
 from launcher.errors import UserError
-from launcher.spec import JobSpec, spec_from_json_file
+from launcher.export import load_run_model
+from launcher.spec import spec_from_json_file
 
 METHODS = ("dynamic_int8", "static_int8")
 OUT_DIR = "quantized"
@@ -32,8 +30,8 @@ LATENCY_REPEATS = 50
 
 def quantize_run(run_dir: Path, method: str, calibrate: int | None) -> dict[str, Any]:
     """Quantize the run's newest checkpoint; write <run>/quantized/{model_fp32.pt, model_int8.pt, report.json}."""
-    spec, checkpoint = _run_inputs(run_dir, method, calibrate)
-    model = load_fp32(spec, checkpoint)
+    _check_method(method, calibrate)
+    spec, model, checkpoint = load_run_model(run_dir)
     train_set, eval_set = build_datasets(spec.data)
     eval_loader = DataLoader(eval_set if eval_set is not None else train_set, batch_size=spec.data.micro_batch_size)
     calibration = [x for x, _ in DataLoader(train_set, batch_size=spec.data.micro_batch_size)][: calibrate or 16]
@@ -61,27 +59,11 @@ def quantize_run(run_dir: Path, method: str, calibrate: int | None) -> dict[str,
     return report
 
 
-def _run_inputs(run_dir: Path, method: str, calibrate: int | None) -> tuple[JobSpec, Path]:
+def _check_method(method: str, calibrate: int | None) -> None:
     if method not in METHODS:
         raise UserError(f"--method {method}: allowed: {', '.join(METHODS)}")
     if calibrate is not None and (method != "static_int8" or calibrate <= 0):
         raise UserError("--calibrate N: a positive number of batches, and only with --method static_int8")
-    if not (run_dir / "spec.json").is_file():
-        raise UserError(f"{run_dir}: not a meshyard run directory (no spec.json)")
-    checkpoint = find_latest(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise UserError(f"{run_dir}: has no complete checkpoint to quantize; train it first")
-    return spec_from_json_file(run_dir / "spec.json"), checkpoint
-
-
-def load_fp32(spec: JobSpec, checkpoint: Path) -> nn.Module:
-    model = model_factory(spec.model)()
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=checkpoint)
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 def quantize(model: nn.Module, method: str, calibration: list[torch.Tensor]) -> nn.Module:

@@ -88,9 +88,16 @@ class TrainingSpec(Section):
 
 
 class StrategySpec(Section):
-    name: Literal["auto", "single", "ddp"] = Field(
-        default="auto", description="auto = single for one process, ddp otherwise"
+    name: Literal["auto", "single", "ddp", "zero"] = Field(
+        default="auto", description="auto = single for one process, ddp otherwise; zero = ZeRO sharding (FSDP2)"
     )
+    stage: int | None = Field(default=None, ge=1, le=3, description="ZeRO stage, with name: zero")
+
+    @model_validator(mode="after")
+    def _stage_goes_with_zero(self) -> "StrategySpec":
+        if (self.name == "zero") != (self.stage is not None):
+            raise ValueError("stage: required with name zero (1, 2 or 3), and only with it")
+        return self
 
 
 class ParallelSpec(Section):

@@ -94,5 +94,5 @@ def test_bad_compression_input_is_refused_and_nothing_is_written(tmp_path, capsy
     untrained.mkdir(parents=True)
     (untrained / "spec.json").write_text("{}")
     assert main(["quantize", str(untrained)]) == 2
-    assert "has no complete checkpoint to quantize" in capsys.readouterr().err
+    assert "has no complete checkpoint; train it first" in capsys.readouterr().err
     assert sorted(p.name for p in untrained.iterdir()) == ["spec.json"]
