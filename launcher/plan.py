@@ -11,7 +11,7 @@ from launcher.errors import PlanError
 from launcher.memory import theory_bytes_per_param
 from launcher.spec.schema import JobSpec
 
-ZERO_STAGES_AVAILABLE = (2, 3)
+ZERO_STAGES_AVAILABLE = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         raise PlanError(f"strategy.name=single runs one process, but the world size is {world}; use ddp or auto")
     stage = spec.strategy.stage
     if strategy == "zero" and stage not in ZERO_STAGES_AVAILABLE:
-        raise PlanError(f"strategy.stage={stage}: ZeRO stage {stage} is not available yet; allowed: 2, 3")
+        raise PlanError(f"strategy.stage={stage}: ZeRO stage {stage} is not available yet; allowed: 1, 2, 3")
 
     device = res.device
     if device == "auto":

@@ -186,6 +186,8 @@ def _restore(checkpointer: Checkpointer, path: Path, strategy: Strategy, schedul
     strategy.load_state_dict(state)
     # LambdaLR's state carries the lambda object; ours is rebuilt from the spec, so only counters travel.
     scheduler.load_state_dict({**extra["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    for group, lr in zip(strategy.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # not every strategy's optimizer state carries its param groups (ZeRO-1)
     restore_rng(extra["rng"])
     compression.load_state_dict(extra.get("compression", {}))
     return int(extra["step"])

@@ -15,6 +15,10 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
         from strategies.ddp import DDPStrategy
 
         return DDPStrategy(device, precision)
+    if name == "zero" and stage == 1:
+        from strategies.zero1 import ZeroOneStrategy
+
+        return ZeroOneStrategy(device, precision)
     if name == "zero":
         from strategies.fsdp import FSDPStrategy
 

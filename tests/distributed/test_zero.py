@@ -17,7 +17,7 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_zero_matches_one_process(tmp_path, stage, optimizer):
     opt, tol = OPTIMIZERS[optimizer]
@@ -45,10 +45,12 @@ RESHARD = {
 }
 
 
+@pytest.mark.parametrize("stage", [1, 3])
 @pytest.mark.parametrize("procs,micro,accum", [(1, 4, 6), (4, 2, 3)])
-def test_checkpoint_from_2_ranks_resumes_at_another_world_size(tmp_path, procs, micro, accum):
-    whole = launch_ok(make_spec(tmp_path, "whole", **RESHARD))
-    split_spec = make_spec(tmp_path, "split", **RESHARD)
+def test_checkpoint_from_2_ranks_resumes_at_another_world_size(tmp_path, stage, procs, micro, accum):
+    sections = {**RESHARD, "strategy": {"name": "zero", "stage": stage}}
+    whole = launch_ok(make_spec(tmp_path, "whole", **sections))
+    split_spec = make_spec(tmp_path, "split", **sections)
     launch_ok(split_spec, "training.stop_at_step=10")
     split = launch_ok(split_spec, f"resources.procs_per_node={procs}", f"data.micro_batch_size={micro}",
                       f"training.grad_accum_steps={accum}")  # same global batch of 24
@@ -56,15 +58,16 @@ def test_checkpoint_from_2_ranks_resumes_at_another_world_size(tmp_path, procs, 
     assert max(abs(a - b) for a, b in zip(curve(whole), curve(split))) < 1e-5
 
 
-# >= 10M parameters: 10 blocks of 1024 x 1024 + a head.
-BIG = {"model": {"target": "launcher.models:mlp", "kwargs": {"in_dim": 1024, "hidden": 1024, "out_dim": 1, "depth": 10}},
+# >= 10M parameters: 12 blocks of 1024 x 1024 + a head (12 equal tensors split evenly over 2 or 4
+# ranks, which ZeRO-1's whole-tensor partition needs to be balanced).
+BIG = {"model": {"target": "launcher.models:mlp", "kwargs": {"in_dim": 1024, "hidden": 1024, "out_dim": 1, "depth": 12}},
        "data": {"kwargs": {"n": 64, "in_dim": 1024, "out_dim": 1}, "micro_batch_size": 4},
        "optimizer": {"name": "adam", "lr": 1.0e-4},
        "training": {"max_steps": 2, "log_every": 1}}
 
 
 @pytest.mark.parametrize("procs", [2, 4])
-@pytest.mark.parametrize("strategy", [{"name": "ddp"}, {"name": "zero", "stage": 2}, {"name": "zero", "stage": 3}])
+@pytest.mark.parametrize("strategy", [{"name": "ddp"}] + [{"name": "zero", "stage": s} for s in (1, 2, 3)])
 def test_measured_model_state_bytes_match_zero_theory(tmp_path, procs, strategy):
     from launcher.memory import theory_bytes_per_param
     from launcher.spec import load_spec

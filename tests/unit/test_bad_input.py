@@ -34,7 +34,7 @@ CASES = [
     ("prune amount above 1", {"compression": {"prune": {"amount": 1.5, "schedule": {"end_step": 5}}}}, [], "compression.prune.amount: Input should be less than or equal to 1"),
     ("structured global pruning", {"compression": {"prune": {"method": "l1_structured", "amount": 0.5, "schedule": {"end_step": 5}}}}, [], "compression.prune: method l1_structured prunes whole rows per layer; use scope: per_layer"),
     ("zero without a stage", {"strategy": {"name": "zero"}}, [], "strategy: stage: required with name zero (1, 2 or 3), and only with it"),
-    ("zero stage 1 not yet", {"strategy": {"name": "zero", "stage": 1}}, [], "strategy.stage=1: ZeRO stage 1 is not available yet; allowed: 2, 3"),
+    ("zero stage 4", {"strategy": {"name": "zero", "stage": 4}}, [], "strategy.stage: Input should be less than or equal to 3"),
     ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local"),
 ]
 RAW_FILES = [
