@@ -38,10 +38,10 @@ def _bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
-def model_state_bytes(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def model_state_bytes(parameters: list[torch.nn.Parameter], optimizer_state: dict) -> dict[str, int]:
     """Bytes this rank stores for parameters, gradients and optimizer state (per-parameter tensors
     only: scalar step counters are bookkeeping, not model state)."""
-    optim_tensors = [v for state in optimizer.state.values() for v in state.values()
+    optim_tensors = [v for state in optimizer_state.values() for v in state.values()
                      if isinstance(v, torch.Tensor) and v.ndim > 0]
     return {
         "params": _bytes(parameters),

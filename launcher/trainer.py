@@ -98,7 +98,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)
         lr = scheduler.get_last_lr()[0]
         memory = model_state_bytes([p for part in strategy.model_parts for p in part.parameters()],
-                                   strategy.optimizer)  # before the step zeroes the gradients
+                                   strategy.local_optimizer_state)  # before the step zeroes the gradients
         verdict = check_step(strategy, loss, grad_norm, preemption)
         if verdict.nonfinite:
             if training.on_nonfinite == "stop":

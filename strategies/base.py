@@ -25,6 +25,7 @@ class Strategy(Protocol):
     is_logging_rank: bool
     optimizer: torch.optim.Optimizer
     model_parts: list[nn.Module]  # the unwrapped model (one part; pipeline stages later)
+    local_optimizer_state: dict[Any, dict[str, Any]]  # the state this rank stores (for memory accounting)
 
     def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         """Build model and optimizer in ONE call: sharding strategies own both together."""

@@ -98,6 +98,10 @@ class SingleProcessStrategy:
     def model_parts(self) -> list[nn.Module]:
         return [self.module]
 
+    @property
+    def local_optimizer_state(self) -> dict[Any, dict[str, Any]]:
+        return self.optimizer.state
+
 
 def to_device(value: Any, device: torch.device) -> Any:
     """Move a tensor, or nested tuples/lists of them (e.g. labels + teacher logits), to `device`."""

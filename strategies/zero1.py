@@ -29,6 +29,10 @@ class ZeroOneStrategy(DDPStrategy):
         self.optimizer = ZeroRedundancyOptimizer(self.module.parameters(), optimizer_class=type(template), **defaults)
         self.loss_fn = loss_fn
 
+    @property
+    def local_optimizer_state(self) -> dict[Any, dict[str, Any]]:
+        return self.optimizer.optim.state  # the wrapper's own .state stays empty
+
     def _owned(self) -> dict[str, nn.Parameter]:
         mine = {id(p) for group in self.optimizer.optim.param_groups for p in group["params"]}
         return {name: p for name, p in self.module.named_parameters() if id(p) in mine}

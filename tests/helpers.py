@@ -15,7 +15,6 @@ import yaml
 from launcher.checkpoint import find_latest
 from launcher.components import model_factory
 from launcher.metrics import read_metrics
-from launcher.plan import make_plan
 from launcher.session import prepare
 from launcher.spec import load_spec
 from launcher.trainer import train
