@@ -85,6 +85,10 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     if strategy == "zero" and stage not in ZERO_STAGES_AVAILABLE:
         raise PlanError(f"strategy.stage={stage}: ZeRO stage {stage} is not available yet; allowed: 1, 2, 3")
 
+    if spec.compression.prune is not None and strategy == "zero" and stage in (2, 3):
+        raise PlanError(f"compression.prune with strategy zero stage {stage}: pruning sharded weights is not"
+                        " supported yet; use ddp or zero stage 1")
+
     device = res.device
     if device == "auto":
         device = "cuda" if cuda_available else "cpu"

@@ -152,6 +152,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     }
     if strategy.is_logging_rank:
         (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        if (line := compression.describe(summary)) is not None:
+            logger.say(line)
         if preempted:
             (run_dir / PREEMPTED_FILE).write_text(json.dumps({"step": step, "checkpoint": summary["checkpoint"]}))
     return summary

@@ -50,6 +50,18 @@ class Compression:
         if self.pruner is not None and "prune_masks" in state:
             self.pruner.load_state_dict(state["prune_masks"])
 
+    def describe(self, summary: dict[str, Any]) -> str | None:
+        """One line for the log: the sparsity reached and the eval metrics before/after pruning."""
+        if "pruning" not in summary:
+            return None
+        report = summary["pruning"]
+        line = f"pruning: overall sparsity {report['sparsity']['overall']:.3f}"
+        before = report["dense_eval"] or {}
+        for key in ("eval_accuracy", "eval_loss"):
+            if key in before and summary.get(key) is not None:
+                line += f" | {key} {before[key]:.4f} before pruning -> {summary[key]:.4f}"
+        return line
+
     def finish(self, run_dir: Path, rank: int) -> dict[str, Any]:
         """Summary entries; each rank also writes its mask digest so a test can compare them."""
         if self.pruner is None:

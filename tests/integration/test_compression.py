@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from launcher.cli import main
+from launcher.metrics import read_metrics
 from tests.helpers import REPO, launch_ok, make_spec, train_in_process
 
 LINEAR_HEAVY = {"target": "launcher.models:classifier", "kwargs": {"in_dim": 16, "hidden": 256, "num_classes": 4, "depth": 3}}
@@ -51,6 +52,16 @@ def test_distillation_beats_the_same_student_without_a_teacher(tmp_path):
         "distill": {"teacher": {"checkpoint": str(teacher)}, "temperature": 2.0, "alpha": 0.7}}))
     loss = {run.name: json.loads((run / "summary.json").read_text())["eval_loss"] for run in (alone, taught)}
     assert loss["taught"] < loss["alone"], loss
+
+
+@pytest.mark.distributed
+def test_distillation_runs_under_zero_3(tmp_path):
+    teacher = train_in_process(make_spec(tmp_path, "teacher", **CLASSIFIER, training={"max_steps": 30}))
+    spec = make_spec(tmp_path, "student", **CLASSIFIER, training={"max_steps": 30, "log_every": 10},
+                     strategy={"name": "zero", "stage": 3}, resources={"procs_per_node": 2},
+                     compression={"distill": {"teacher": {"checkpoint": str(teacher)}, "alpha": 0.5}})
+    losses = [m["loss"] for m in read_metrics(launch_ok(spec))]
+    assert losses[-1] < losses[0]
 
 
 def test_dynamic_int8_is_small_accurate_and_loads_in_a_fresh_process(tmp_path, capsys):

@@ -35,6 +35,7 @@ CASES = [
     ("structured global pruning", {"compression": {"prune": {"method": "l1_structured", "amount": 0.5, "schedule": {"end_step": 5}}}}, [], "compression.prune: method l1_structured prunes whole rows per layer; use scope: per_layer"),
     ("zero without a stage", {"strategy": {"name": "zero"}}, [], "strategy: stage: required with name zero (1, 2 or 3), and only with it"),
     ("zero stage 4", {"strategy": {"name": "zero", "stage": 4}}, [], "strategy.stage: Input should be less than or equal to 3"),
+    ("pruning sharded weights", {"strategy": {"name": "zero", "stage": 3}, "resources": {"procs_per_node": 2}, "compression": {"prune": {"amount": 0.5, "schedule": {"end_step": 5}}}}, [], "compression.prune with strategy zero stage 3: pruning sharded weights is not supported yet"),
     ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local"),
 ]
 RAW_FILES = [
