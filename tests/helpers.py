@@ -112,9 +112,13 @@ def wait_for_step(run: Path, step: int, timeout: float = 120.0) -> int:
     raise AssertionError(f"{run} never reached step {step}")
 
 
+# Fields that measure the machine or the process, not the training: never equal between two runs.
+NOT_REPRODUCIBLE = ("samples_per_s", "step_time_s", "peak_rss_bytes")
+
+
 def comparable(run: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl without the wall-clock fields, for exact comparison between runs."""
-    return [{k: v for k, v in m.items() if k not in ("samples_per_s", "step_time_s")} for m in read_metrics(run)]
+    """metrics.jsonl without wall-clock and process fields, for exact comparison between runs."""
+    return [{k: v for k, v in m.items() if k not in NOT_REPRODUCIBLE} for m in read_metrics(run)]
 
 
 def params_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
