@@ -21,6 +21,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.plotting import pyplot, save_png  # noqa: E402  (after the sys.path insert)
+
 RESULTS = REPO / "benchmarks" / "results"
 
 DATA = {"target": "launcher.data:synthetic_classification", "micro_batch_size": 64,
@@ -105,11 +107,7 @@ def latencies(models: dict, batch: torch.Tensor, repeats: int = 200) -> dict[str
 
 
 def plot(rows: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = list(rows)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, key, title in zip(axes, ("eval_accuracy", "size_bytes", "latency_ms"),
@@ -120,10 +118,7 @@ def plot(rows: dict, out: Path) -> Path:
         ax.invert_yaxis()
     for ax in axes[1:]:
         ax.set_yticklabels([])
-    fig.tight_layout()
-    png = out.with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    return png
+    return save_png(fig, out, dpi=110)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.plotting import pyplot, save_png  # noqa: E402  (after the sys.path insert)
+
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -53,11 +55,7 @@ def main() -> None:
 
 
 def plot(summary: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     trials = summary["results"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     colors = ["tab:green" if t["bit_exact"] else "tab:red" for t in trials]
@@ -65,10 +63,7 @@ def plot(summary: dict, out: Path) -> Path:
     ax.set_xlabel("step at which a rank was SIGKILLed")
     ax.set_ylabel("extra wall time vs uninterrupted (s)")
     ax.set_title(f"{summary['recovered_bit_exact']}/{summary['trials']} recovered bit-exact (green)")
-    fig.tight_layout()
-    png = out.with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    return png
+    return save_png(fig, out, dpi=120)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.plotting import pyplot, save_png  # noqa: E402  (after the sys.path insert)
+
+RESULTS = REPO / "benchmarks" / "results"
 SPEC = {
     "name": "overhead", "seed": 0,
     "model": {"target": "launcher.models:mlp", "kwargs": {"in_dim": 64, "hidden": 512, "out_dim": 1, "depth": 3}},
@@ -109,11 +113,7 @@ def worker(rounds: int, out: Path) -> None:
 
 
 def plot(result_file: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     result = json.loads(result_file.read_text())
     rounds = result["rounds"]
     xs = range(len(rounds))
@@ -124,10 +124,7 @@ def plot(result_file: Path) -> Path:
     ax.set_ylabel("ms / optimizer step")
     ax.set_title(f"trainer overhead: median ratio {result['median_ratio']:.3f} (goal <= {result['goal']})")
     ax.legend()
-    fig.tight_layout()
-    png = result_file.with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    return png
+    return save_png(fig, result_file, dpi=120)
 
 
 def main() -> None:
@@ -140,11 +137,10 @@ def main() -> None:
         worker(args.rounds, args.out)
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                     __file__, "--worker", "--rounds", str(args.rounds), "--out", str(args.out)],
-                   cwd=repo, env=env, check=True)
+                   cwd=REPO, env=env, check=True)
     print(f"wrote {args.out} and {plot(args.out)}")
 
 

@@ -22,6 +22,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.plotting import pyplot, save_png  # noqa: E402  (after the sys.path insert)
+
 RESULTS = REPO / "benchmarks" / "results"
 MESHYARD = str(Path(sys.executable).parent / "meshyard")
 
@@ -82,11 +84,7 @@ def main() -> None:
 
 
 def plot(rows: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4))
     labels = [f"{r['strategy']}\nN={r['world_size']}" for r in rows]
     xs = range(len(rows))
@@ -104,10 +102,7 @@ def plot(rows: list[dict], out: Path) -> Path:
     time_ax.bar(xs, [1000 * r["step_time_s_median"] for r in rows], 0.6, color="tab:gray")
     time_ax.set_xticks(list(xs), labels, fontsize=8)
     time_ax.set_ylabel("median step time (ms), gloo on 2 CPU cores")
-    fig.tight_layout()
-    png = out.with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    return png
+    return save_png(fig, out, dpi=110)
 
 
 if __name__ == "__main__":

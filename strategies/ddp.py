@@ -5,11 +5,10 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from strategies.single import SingleProcessStrategy
+from strategies.data_parallel import DataParallelStrategy
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
@@ -18,13 +17,8 @@ def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-class DDPStrategy(SingleProcessStrategy):
+class DDPStrategy(DataParallelStrategy):
     """Every rank holds the whole model; ranks see disjoint slices of each global batch."""
-
-    def __init__(self, device: torch.device, precision: str) -> None:
-        super().__init__(device, precision)
-        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
-        self.is_logging_rank = self.dp_rank == 0
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         return apply_ddp(model, self.device)
@@ -32,11 +26,3 @@ class DDPStrategy(SingleProcessStrategy):
     def _skip_grad_sync(self) -> contextlib.AbstractContextManager[Any]:
         # Gradients of non-final micro-batches stay local; the last backward all-reduces the sum.
         return self.model.no_sync()
-
-    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return self.reduce_sum(value) / self.dp_size
-
-    def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        return value

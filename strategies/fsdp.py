@@ -17,13 +17,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from strategies.base import LossFn, ModelFactory, OptimizerFactory
-from strategies.single import SingleProcessStrategy
+from strategies.data_parallel import DataParallelStrategy
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, reshard_after_forward: bool) -> nn.Module:
@@ -64,11 +63,9 @@ def local_initial_state(model: nn.Module, rank: int, world_size: int) -> dict[st
     return state
 
 
-class FSDPStrategy(SingleProcessStrategy):
+class FSDPStrategy(DataParallelStrategy):
     def __init__(self, device: torch.device, precision: str, stage: int) -> None:
         super().__init__(device, precision)
-        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
-        self.is_logging_rank = self.dp_rank == 0
         self.mesh = init_device_mesh(device.type, (self.dp_size,), mesh_dim_names=("dp",))
         self.stage = stage
 
@@ -98,11 +95,3 @@ class FSDPStrategy(SingleProcessStrategy):
 
     def _reduce_fn(self):  # type: ignore[no-untyped-def]
         return self.reduce_sum  # each rank holds a shard: local sums add up over the group
-
-    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return self.reduce_sum(value) / self.dp_size
-
-    def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        return value
