@@ -47,6 +47,16 @@ def find_latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
+    """Fill a plain module with a checkpoint's (possibly sharded) model weights; any world size,
+    with or without a process group."""
+    state = {"model": model.state_dict()}
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=checkpoint)
+    model.load_state_dict(state["model"])
+    return model
+
+
 class Checkpointer:
     """Saves and loads one run's checkpoints; every rank holds one and calls it at the same points."""
 

@@ -50,3 +50,10 @@ def build_datasets(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
 
 def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return BUILTIN_LOSSES.get(name) or resolve(name, "loss")
+
+
+def correct_predictions(output: torch.Tensor, targets: torch.Tensor) -> int | None:
+    """How many argmax predictions hit their class label; None when this is not classification."""
+    if output.ndim == 2 and output.shape[1] > 1 and not targets.is_floating_point():
+        return int((output.argmax(dim=1) == targets).sum())
+    return None

@@ -6,14 +6,12 @@ so nothing is gathered to a rank 0 during training.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from launcher.checkpoint import find_latest
+from launcher.checkpoint import find_latest, load_model_weights
 from launcher.components import model_factory
 from launcher.errors import UserError
 from launcher.spec import JobSpec, spec_from_json_file
@@ -27,12 +25,7 @@ def load_run_model(run_dir: Path) -> tuple[JobSpec, nn.Module, Path]:
     if checkpoint is None:
         raise UserError(f"{run_dir}: has no complete checkpoint; train it first")
     spec = spec_from_json_file(run_dir / "spec.json")
-    model = model_factory(spec.model)()
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=checkpoint)
-    model.load_state_dict(state["model"])
+    model = load_model_weights(model_factory(spec.model)(), checkpoint)
     return spec, model.eval(), checkpoint
 
 

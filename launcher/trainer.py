@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from launcher.checkpoint import Checkpointer, find_latest
-from launcher.components import build_datasets, build_loss, model_factory
+from launcher.components import build_datasets, build_loss, correct_predictions, model_factory
 from launcher.compression.hooks import Compression
 from launcher.guards import NonFiniteError, PreemptionFlag, check_step
 from launcher.heartbeat import Heartbeat
@@ -91,14 +91,18 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     elapsed, timed_steps, step, preempted = 0.0, 0, start_step, False
     for step in range(start_step + 1, end_step + 1):
         heartbeat.update(step - 1, "step")
+        eval_due = eval_set is not None and (
+            (training.eval_every and step % training.eval_every == 0) or step == training.max_steps
+        )
+        log_due = step % training.log_every == 0 or step in (start_step + 1, end_step) or eval_due
         tick = time.perf_counter()
         window = compression.prepare_window([next(batches) for _ in range(training.grad_accum_steps)])
         loss = strategy.forward_backward(window)
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        memory = model_state_bytes([p for part in strategy.model_parts for p in part.parameters()],
-                                   strategy.local_optimizer_state)  # before the step zeroes the gradients
+        # Measured before the step zeroes the gradients, and only when logged: it walks every tensor.
+        memory = _memory(strategy) if log_due else {}
         verdict = check_step(strategy, loss, grad_norm, preemption)
         if verdict.nonfinite:
             if training.on_nonfinite == "stop":
@@ -108,21 +112,17 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             logger.say(f"step {step}: non-finite loss or gradient norm, update skipped (training.on_nonfinite=skip)")
         else:
             strategy.optimizer_step()
-        scheduler.step()
-        compression.after_step(step, evaluate if eval_set is not None else None)  # the schedule's clock is the step count, skipped updates included
+        scheduler.step()  # the schedule's clock is the step count, skipped updates included
+        compression.after_step(step, evaluate if eval_set is not None else None)
         elapsed, timed_steps = elapsed + time.perf_counter() - tick, timed_steps + 1
         logger.advance()
 
-        eval_due = eval_set is not None and (
-            (training.eval_every and step % training.eval_every == 0) or step == training.max_steps
-        )
-        if step % training.log_every == 0 or step in (start_step + 1, end_step) or eval_due or verdict.preempt:
+        if log_due or verdict.preempt:
             record = {
                 "step": step, "loss": strategy.reduce_mean(loss).item(), "penalty": penalty.item(),
                 "lr": lr, "grad_norm": grad_norm.item(), "skipped": verdict.nonfinite,
                 "samples_per_s": layout.global_batch_size * timed_steps / elapsed,
-                "step_time_s": elapsed / timed_steps,
-                **{f"mem_{k}_bytes": v for k, v in memory.items()}, "peak_rss_bytes": peak_rss_bytes(),
+                "step_time_s": elapsed / timed_steps, **memory, "peak_rss_bytes": peak_rss_bytes(),
             }
             if eval_due:
                 heartbeat.update(step, "eval")
@@ -157,6 +157,12 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         if preempted:
             (run_dir / PREEMPTED_FILE).write_text(json.dumps({"step": step, "checkpoint": summary["checkpoint"]}))
     return summary
+
+
+def _memory(strategy: Strategy) -> dict[str, int]:
+    parameters = [p for part in strategy.model_parts for p in part.parameters()]
+    state = model_state_bytes(parameters, strategy.local_optimizer_state)
+    return {f"mem_{part}_bytes": size for part, size in state.items()}
 
 
 def _device(plan: Plan, local_rank: int) -> torch.device:
@@ -211,9 +217,10 @@ def _evaluate(strategy: Strategy, eval_set: Dataset, batch_size: int, loss_fn: A
     for inputs, targets in DataLoader(shard, batch_size=batch_size):
         output = strategy.evaluate(inputs).cpu()
         totals[0] += loss_fn(output, targets).double() * len(inputs)
-        if output.ndim == 2 and output.shape[1] > 1 and not targets.is_floating_point():
+        correct = correct_predictions(output, targets)
+        if correct is not None:
             classify = True
-            totals[1] += (output.argmax(dim=1) == targets).sum()
+            totals[1] += correct
         totals[2] += len(inputs)
     totals = strategy.reduce_sum(totals)
     metrics = {"eval_loss": (totals[0] / totals[2]).item()}

@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
 
-from launcher.checkpoint import find_latest
-from launcher.components import model_factory
+from launcher.export import load_run_model
 from launcher.metrics import read_metrics
 from launcher.session import prepare
 from launcher.spec import load_spec
@@ -76,13 +74,10 @@ def train_in_process(spec_path: Path, *overrides: str) -> Path:
     return session.run_dir
 
 
-def final_params(run: Path, spec_path: Path) -> dict[str, torch.Tensor]:
-    """Consolidated model parameters of the run's newest checkpoint, loaded with no process group."""
-    spec = load_spec(spec_path)
-    model = model_factory(spec.model)()
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=find_latest(run / "checkpoints"))
-    return state["model"]
+def final_params(run: Path) -> dict[str, torch.Tensor]:
+    """Consolidated model parameters of the run's newest checkpoint, loaded with no process group
+    (by `meshyard export`'s own loader; the run directory's spec.json names the model)."""
+    return load_run_model(run)[1].state_dict()
 
 
 def curve(run: Path, key: str = "loss") -> list[float]:

@@ -10,11 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.checkpoint import find_latest, is_complete
+from launcher.checkpoint import find_latest, is_complete, load_model_weights
 from launcher.components import model_factory
 from launcher.errors import UserError
 from launcher.spec.schema import ComponentSpec, DistillSpec, TeacherSpec
@@ -34,24 +33,21 @@ def teacher_checkpoint(spec: TeacherSpec) -> Path | None:
     return found
 
 
-def teacher_component(spec: TeacherSpec) -> ComponentSpec:
+def teacher_component(spec: TeacherSpec, checkpoint: Path | None) -> ComponentSpec:
     """The teacher's architecture: the spec's target, else the one recorded in the teacher's run."""
     if spec.target is not None:
         return ComponentSpec(target=spec.target, kwargs=spec.kwargs)
     from launcher.spec import spec_from_json_file
 
-    checkpoint = teacher_checkpoint(spec)
     run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_*
     return spec_from_json_file(run_dir / "spec.json").model
 
 
 def build_teacher(spec: TeacherSpec, device: torch.device) -> nn.Module:
-    teacher = model_factory(teacher_component(spec))()
     checkpoint = teacher_checkpoint(spec)
+    teacher = model_factory(teacher_component(spec, checkpoint))()
     if checkpoint is not None:
-        state = {"model": teacher.state_dict()}
-        dcp.load(state, checkpoint_id=checkpoint)
-        teacher.load_state_dict(state["model"])
+        load_model_weights(teacher, checkpoint)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -24,6 +24,7 @@ class Compression:
         self.dense_eval: dict[str, float] | None = None
 
     def wrap_loss(self, task_loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The training loss; with distillation this builds the teacher and returns the KD loss."""
         if self.spec.distill is None:
             return task_loss
         self.annotate = TeacherAnnotator(build_teacher(self.spec.distill.teacher, self.device), self.device)
@@ -39,16 +40,19 @@ class Compression:
     def after_step(self, step: int, evaluate: Callable[[], dict[str, float]] | None) -> None:
         if self.pruner is None:
             return
-        if self.dense_eval is None and evaluate is not None and self.pruner.is_event(step):
-            self.dense_eval = evaluate()  # the baseline the final accuracy is compared with
+        if not self.pruner.masks and evaluate is not None and self.pruner.is_event(step):
+            self.dense_eval = evaluate()  # before the first masks: the baseline for the final accuracy
         self.pruner.after_step(step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prune_masks": self.pruner.state_dict()} if self.pruner else {}
+        if self.pruner is None:
+            return {}
+        return {"prune_masks": self.pruner.state_dict(), "dense_eval": self.dense_eval}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.pruner is not None and "prune_masks" in state:
             self.pruner.load_state_dict(state["prune_masks"])
+            self.dense_eval = state.get("dense_eval")  # measured before a resume, kept across it
 
     def describe(self, summary: dict[str, Any]) -> str | None:
         """One line for the log: the sparsity reached and the eval metrics before/after pruning."""

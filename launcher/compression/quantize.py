@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from launcher.components import build_datasets, build_loss, model_factory
+from launcher.components import build_datasets, build_loss, correct_predictions, model_factory
 from launcher.errors import UserError
 from launcher.export import load_run_model
 from launcher.spec import spec_from_json_file
@@ -100,15 +100,16 @@ def load_quantized(run_dir: Path) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Any) -> dict[str, float]:
-    total, correct, count = 0.0, 0, 0
+    total, correct, count, classify = 0.0, 0, 0, False
     for inputs, targets in loader:
         output = model(inputs)
         total += loss_fn(output, targets).item() * len(inputs)
-        if output.ndim == 2 and output.shape[1] > 1 and not targets.is_floating_point():
-            correct += int((output.argmax(dim=1) == targets).sum())
+        hits = correct_predictions(output, targets)
+        if hits is not None:
+            classify, correct = True, correct + hits
         count += len(inputs)
     metrics = {"loss": total / count}
-    if correct or not loader.dataset[0][1].is_floating_point():
+    if classify:
         metrics["accuracy"] = correct / count
     return metrics
 
