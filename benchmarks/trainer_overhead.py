@@ -91,15 +91,14 @@ def meshyard_loop(workdir: Path) -> float:
     return sum(r["step_time_s"] * n for r, n in zip(records, spans)) / max(1, sum(spans))
 
 
-def worker(rounds: int, out: Path) -> None:
+def worker(rounds: int, out: Path, workdir: Path) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     rows = []
     for index in range(rounds):
         hand = hand_written_loop(SPEC["training"]["max_steps"], SPEC["training"]["log_every"])
-        with tempfile.TemporaryDirectory() as tmp:
-            ours = meshyard_loop(Path(tmp))
+        ours = meshyard_loop(workdir / f"round{index}")  # one directory all ranks share, as in a launch
         if dist.get_rank() == 0:
             rows.append({"round": index, "hand_written_s_per_step": hand, "meshyard_s_per_step": ours,
                          "ratio": ours / hand})
@@ -132,15 +131,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "trainer_overhead.json")
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.rounds, args.out)
+        worker(args.rounds, args.out, args.workdir)
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    __file__, "--worker", "--rounds", str(args.rounds), "--out", str(args.out)],
-                   cwd=REPO, env=env, check=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        __file__, "--worker", "--rounds", str(args.rounds), "--out", str(args.out),
+                        "--workdir", workdir], cwd=REPO, env=env, check=True)
     print(f"wrote {args.out} and {plot(args.out)}")
 
 
