@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 from launcher.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, LaunchError, UserError
+from launcher.executors.request import LaunchOptions
 
 EXIT_INTERRUPTED = 130
 
@@ -29,9 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a spec field, e.g. --set optimizer.lr=0.01 (repeatable)")
         return sub
 
-    launch = with_spec("launch", "train the job: start the processes and wait for them")
-    launch.add_argument("--executor", default="local", help="how processes start (default: local)")
-    with_spec("plan", "print the plan and the exact command a launch would run; starts nothing")
+    add_where(with_spec("launch", "train the job: start the processes and wait for them"))
+    add_where(with_spec("plan", "print the plan and exactly what a launch would run; starts nothing"))
     with_spec("validate", "check a spec file (fields, types, ranges, importable targets)")
     commands.add_parser("schema", help="print the job spec's JSON Schema", description="print the job spec's JSON Schema")
     export = commands.add_parser(
@@ -49,6 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calibrate", type=int, default=None, metavar="N",
                           help="static_int8 only: calibrate on N training batches (default 16)")
     return parser
+
+
+def add_where(sub: argparse.ArgumentParser) -> None:
+    """Where the job runs: the executor and its settings (flags win over a --cluster file)."""
+    sub.add_argument("--executor", default=None, help="local (default), ray or accelerate")
+    sub.add_argument("--cluster", default=None, metavar="FILE", help="a cluster config, e.g. cluster_configs/ray-local.yaml")
+    sub.add_argument("--nnodes", type=int, default=None, help="local: number of nodes (sets resources.nodes)")
+    sub.add_argument("--node-rank", type=int, default=0, help="local: this launcher's node, 0..nnodes-1")
+    sub.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="local: c10d rendezvous for several nodes")
+    sub.add_argument("--address", default=None, help="ray: an existing cluster (default: RAY_ADDRESS, else an embedded local Ray)")
+    sub.add_argument("--accelerate-config", default=None, metavar="FILE",
+                     help="accelerate: your config file instead of the one generated from the spec")
+
+
+def resolve_where(args: argparse.Namespace) -> tuple[LaunchOptions, list[str]]:
+    """Launch options and the spec overrides they imply (cluster resources first, then --set, then --nnodes)."""
+    from launcher.cluster import ClusterConfig, load_cluster, resource_overrides
+    from launcher.executors import check_executor
+
+    cluster = load_cluster(args.cluster) if args.cluster else ClusterConfig()
+    options = LaunchOptions(
+        executor=args.executor or cluster.executor, node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint or cluster.rdzv_endpoint, address=args.address or cluster.address,
+        accelerate_config=args.accelerate_config or cluster.accelerate_config,
+    )
+    check_executor(options.executor)  # fail on a bad name before any work
+    overrides = resource_overrides(cluster) + list(args.overrides)
+    if args.nnodes is not None:
+        overrides.append(f"resources.nodes={args.nnodes}")
+    return options, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,32 +120,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.session import prepare
 
-    session = prepare(args.spec, args.overrides)
+    options, overrides = resolve_where(args)
+    session = prepare(args.spec, overrides)
     print(session.plan.describe())
     print(f"run directory    {session.run_dir}")
-    print("command (local executor):")
-    print(session.dry_run("local").render())
+    print(f"{options.executor} executor would run:")
+    print(session.dry_run(options).render())
     return 0
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from launcher.executors import get_executor
     from launcher.session import prepare
+    from launcher.startup import LAUNCHED_AT_ENV, describe
 
-    executor = get_executor(args.executor)  # fail on a bad name before any work
-    session = prepare(args.spec, args.overrides)
+    started = time.time()
+    os.environ[LAUNCHED_AT_ENV] = repr(started)  # every executor's ranks time their start-up from here
+    options, overrides = resolve_where(args)
+    session = prepare(args.spec, overrides)
     session.check_before_launch()
     print(session.plan.describe(), flush=True)
-    request = session.dry_run(args.executor)
+    request = session.dry_run(options)
+    executor = get_executor(options.executor)
     session.write_spec()
-    print(f"launching: {' '.join(request.argv)}", flush=True)
-    started = time.time()
+    print(f"launching ({options.executor}): {request.headline()}", flush=True)
     executor.run(request)
     step = session.preempted_step(since=started)
     if step is not None:
         print(f"preempted: checkpoint written at step {step}; run the same command to resume", file=sys.stderr)
         return EXIT_PREEMPTED
-    print(f"summary: {session.run_dir / 'summary.json'}")
+    summary = session.run_dir / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime >= started:
+        phases = json.loads(summary.read_text()).get("startup_s")
+        if phases:
+            print(describe(phases))
+    print(f"summary: {summary}")
     return 0
 
 

@@ -6,6 +6,7 @@ update or left the loop would desynchronize the collectives of the next step.
 from __future__ import annotations
 
 import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,10 @@ class PreemptionFlag:
         self.requested = False
 
     def install(self) -> "PreemptionFlag":
-        signal.signal(signal.SIGTERM, self._handle)
+        """Only the main thread may set signal handlers: under Ray Train the loop runs in another
+        thread, and Ray itself owns the worker's signals (preemption there is Ray's business)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum: int, frame: object) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
+from launcher.executors.request import Job, LaunchOptions, LaunchRequest
 from launcher.plan import Plan, make_plan
 from launcher.spec import JobSpec, load_spec
 
@@ -26,11 +27,15 @@ class Session:
     def spec_path(self) -> Path:
         return self.run_dir / SPEC_FILE
 
-    def dry_run(self, executor_name: str):  # type: ignore[no-untyped-def]
+    @property
+    def job(self) -> Job:
+        return Job(name=self.spec.name, spec_path=self.spec_path, plan=self.plan,
+                   max_restarts=self.spec.resources.max_restarts, hang_timeout_s=self.spec.training.collective_timeout_s)
+
+    def dry_run(self, options: LaunchOptions) -> LaunchRequest:
         from launcher.executors import get_executor
 
-        return get_executor(executor_name).dry_run(self.plan, self.spec_path, self.spec.resources.max_restarts,
-                                                   self.spec.training.collective_timeout_s)
+        return get_executor(options.executor).dry_run(self.job, options)
 
     def check_before_launch(self) -> None:
         """Checks that need the filesystem: checkpoints to resume from, a distillation teacher."""

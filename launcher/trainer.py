@@ -27,6 +27,7 @@ from launcher.plan import Plan
 from launcher.rng import capture_rng, restore_rng, seed_all
 from launcher.sampler import BatchLayout, StepBatchSampler
 from launcher.spec.schema import JobSpec
+from launcher.startup import StartupClock
 from strategies import Strategy, build_strategy
 
 SUMMARY_FILE = "summary.json"
@@ -41,18 +42,18 @@ class RankInfo:
 
 
 def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo(),
-          preemption: PreemptionFlag | None = None) -> dict[str, Any]:
+          preemption: PreemptionFlag | None = None, clock: StartupClock | None = None) -> dict[str, Any]:
     """Run (or resume) the job on this rank; return the run summary."""
     started = time.perf_counter()
     heartbeat = Heartbeat(run_dir, ranks.rank).start()
     try:
-        return _train(spec, plan, run_dir, ranks, preemption, heartbeat, started)
+        return _train(spec, plan, run_dir, ranks, preemption, heartbeat, started, clock or StartupClock())
     finally:
         heartbeat.stop()
 
 
 def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption: PreemptionFlag | None,
-           heartbeat: Heartbeat, started: float) -> dict[str, Any]:
+           heartbeat: Heartbeat, started: float, clock: StartupClock) -> dict[str, Any]:
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
     strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage)
@@ -61,7 +62,9 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
     compression.attach(strategy)
     scheduler = build_scheduler(strategy.optimizer, spec.schedule, spec.training.max_steps)
+    clock.mark("model_build")
     train_set, eval_set = build_datasets(spec.data)
+    clock.mark("data_build")
 
     checkpointer = Checkpointer(run_dir / "checkpoints", spec.checkpoint.keep, ranks.rank, ranks.world_size,
                                 _barrier, async_save=spec.checkpoint.async_save)
@@ -116,6 +119,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         compression.after_step(step, evaluate if eval_set is not None else None)
         elapsed, timed_steps = elapsed + time.perf_counter() - tick, timed_steps + 1
         logger.advance()
+        if step == start_step + 1:
+            clock.mark("first_step")  # from the end of data build: checkpoint restore and loader start count here
 
         if log_due or verdict.preempt:
             record = {
@@ -146,7 +151,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         "final_loss": record.get("loss"), "eval_loss": record.get("eval_loss"),
         "eval_accuracy": record.get("eval_accuracy"),
         "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size,
-        "wall_s": time.perf_counter() - started,
+        "wall_s": time.perf_counter() - started, "startup_s": clock.phases,
         "checkpoint": str(find_latest(run_dir / "checkpoints")),
         **compression.finish(run_dir, ranks.rank),
     }

@@ -1,7 +1,10 @@
-"""Per-rank entry point. Every executor starts this same module with torchrun's environment
-contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the resolved spec as a JSON file.
+"""Per-rank entry point. Every executor starts this same code with torchrun's environment
+contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the resolved spec as a JSON file:
+torchrun and `accelerate launch` run the module, Ray Train's workers call `run_rank`.
 
-    python -m launcher.worker <run_dir>/spec.json
+    python -m launcher.worker <run_dir>/spec.json [--node R]
+
+`--node R` only marks the processes of node R's launcher (several launchers on one machine).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from launcher.guards import PreemptionFlag
 from launcher.imports import ensure_cwd_importable
 from launcher.plan import make_plan
 from launcher.spec import spec_from_json_file
+from launcher.startup import StartupClock
 from launcher.trainer import RankInfo, train
 
 
@@ -49,9 +53,18 @@ def init_process_group(backend: str, ranks: RankInfo, timeout: timedelta) -> Non
 @record  # writes this rank's exception to torchrun's error file, so the launcher can report it
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m launcher.worker RUN_DIR/spec.json")
-    spec_path = Path(args[0])
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--node"):
+        raise SystemExit("usage: python -m launcher.worker RUN_DIR/spec.json [--node R]")
+    summary = run_rank(Path(args[0]), StartupClock())
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(format_summary(summary), flush=True)
+
+
+def run_rank(spec_path: Path, clock: StartupClock) -> dict:
+    """Check the world this process was started into, join the process group, train; the summary.
+
+    Ray Train has already formed the process group when it calls this; other executors have not.
+    """
     ensure_cwd_importable()
     spec = spec_from_json_file(spec_path)
     plan = make_plan(spec, cuda_available=torch.cuda.is_available())
@@ -63,16 +76,15 @@ def main(argv: list[str] | None = None) -> None:
             " processes: the executor started the wrong number of processes"
         )
     preemption = PreemptionFlag().install()  # SIGTERM: checkpoint at the next step boundary, exit 0
-    distributed = plan.strategy != "single"
-    if distributed:
+    joined_here = plan.strategy != "single" and not dist.is_initialized()
+    if joined_here:
         init_process_group(plan.backend, ranks, timedelta(seconds=spec.training.collective_timeout_s))
+    clock.mark("pg_init")
     try:
-        summary = train(spec, plan, spec_path.parent, ranks, preemption)
+        return train(spec, plan, spec_path.parent, ranks, preemption, clock)
     finally:
-        if distributed and dist.is_initialized():
+        if joined_here and dist.is_initialized():
             dist.destroy_process_group()
-    if ranks.rank == 0:
-        print(format_summary(summary), flush=True)
 
 
 def format_summary(summary: dict) -> str:

@@ -36,7 +36,7 @@ CASES = [
     ("zero without a stage", {"strategy": {"name": "zero"}}, [], "strategy: stage: required with name zero (1, 2 or 3), and only with it"),
     ("zero stage 4", {"strategy": {"name": "zero", "stage": 4}}, [], "strategy.stage: Input should be less than or equal to 3"),
     ("pruning sharded weights", {"strategy": {"name": "zero", "stage": 3}, "resources": {"procs_per_node": 2}, "compression": {"prune": {"amount": 0.5, "schedule": {"end_step": 5}}}}, [], "compression.prune with strategy zero stage 3: pruning sharded weights is not supported yet"),
-    ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local"),
+    ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local, ray, accelerate"),
 ]
 RAW_FILES = [
     ("YAML syntax error", "name: x\nmodel: {target: a:b\n", "YAML syntax error at line 3"),

@@ -52,8 +52,10 @@ def test_plan_prints_the_exact_torchrun_command(tmp_path, capsys):
 
 def test_dry_run_is_data(tmp_path):
     from launcher.executors.local import LocalExecutor
+    from launcher.executors.request import Job, LaunchOptions
 
     spec = load_spec(make_spec(tmp_path, resources={"procs_per_node": 2}))
-    request = LocalExecutor().dry_run(make_plan(spec), tmp_path / "spec.json", max_restarts=0, hang_timeout_s=60)
+    job = Job(name="test", spec_path=tmp_path / "spec.json", plan=make_plan(spec), max_restarts=0, hang_timeout_s=60)
+    request = LocalExecutor().dry_run(job, LaunchOptions())
     assert request.argv[1:3] == ("-m", "torch.distributed.run")
     assert request.env["OMP_NUM_THREADS"] and request.marker == str(tmp_path / "spec.json")
