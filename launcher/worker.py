@@ -2,9 +2,9 @@
 contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the resolved spec as a JSON file:
 torchrun and `accelerate launch` run the module, Ray Train's workers call `run_rank`.
 
-    python -m launcher.worker <run_dir>/spec.json [--node R]
+    python -m launcher.worker <run_dir>/spec.json [node=R]
 
-`--node R` only marks the processes of node R's launcher (several launchers on one machine).
+`node=R` only marks the processes of node R's launcher (several launchers on one machine).
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def init_process_group(backend: str, ranks: RankInfo, timeout: timedelta) -> Non
 @record  # writes this rank's exception to torchrun's error file, so the launcher can report it
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--node"):
-        raise SystemExit("usage: python -m launcher.worker RUN_DIR/spec.json [--node R]")
+    if len(args) not in (1, 2) or (len(args) == 2 and not args[1].startswith("node=")):
+        raise SystemExit("usage: python -m launcher.worker RUN_DIR/spec.json [node=R]")
     summary = run_rank(Path(args[0]), StartupClock())
     if int(os.environ.get("RANK", 0)) == 0:
         print(format_summary(summary), flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import time
@@ -54,14 +55,16 @@ def run_dir(spec_path: Path) -> Path:
     return Path(spec.output.dir) / spec.name
 
 
-def meshyard(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run the installed `meshyard` console script from the repository root."""
-    return subprocess.run([MESHYARD, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def meshyard(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `meshyard` console script from the repository root (`env` on top of ours)."""
+    return subprocess.run([MESHYARD, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
 
 
-def launch_ok(spec_path: Path, *overrides: str) -> Path:
+def launch_ok(spec_path: Path, *overrides: str, args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Path:
+    """`meshyard launch SPEC --set ... ARGS` must succeed; the run directory."""
     sets = [a for o in overrides for a in ("--set", o)]
-    result = meshyard("launch", str(spec_path), *sets)
+    result = meshyard("launch", str(spec_path), *sets, *args, env=env)
     assert result.returncode == 0, f"launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return run_dir(spec_path)
 
@@ -89,10 +92,10 @@ def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def start_launch(spec_path: Path, *overrides: str) -> subprocess.Popen[str]:
+def start_launch(spec_path: Path, *overrides: str, args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     """`meshyard launch` in the background; stdout/stderr are read with .communicate()."""
     sets = [a for o in overrides for a in ("--set", o)]
-    return subprocess.Popen([MESHYARD, "launch", str(spec_path), *sets], cwd=REPO, text=True,
+    return subprocess.Popen([MESHYARD, "launch", str(spec_path), *sets, *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -118,3 +121,12 @@ def comparable(run: Path) -> list[dict[str, Any]]:
 
 def params_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -24,7 +24,8 @@ def worker_command(job: Job, options: LaunchOptions) -> tuple[tuple[str, ...], s
     argv: tuple[str, ...] = ("-m", "launcher.worker", str(job.spec_path))
     if job.plan.nodes == 1:
         return argv, str(job.spec_path)
-    return (*argv, "--node", str(options.node_rank)), f"{job.spec_path} --node {options.node_rank}"
+    # Not an option ("--node"): torchrun's parser would try to match it against its own options.
+    return (*argv, f"node={options.node_rank}"), f"{job.spec_path} node={options.node_rank}"
 
 
 def rendezvous_args(job: Job, options: LaunchOptions) -> tuple[str, ...]:

@@ -1,0 +1,109 @@
+"""Ray executor: Ray Train's TorchTrainer starts one worker per rank, each running `launcher.worker`'s code.
+
+- ScalingConfig from the plan (one worker per rank, 1 CPU each, a GPU each on cuda),
+  TorchConfig(backend gloo/nccl, timeout = training.collective_timeout_s),
+  RunConfig(storage under the run directory, FailureConfig(max_failures = resources.max_restarts)).
+- Address: `--address`, else RAY_ADDRESS (set inside a Ray job), else an embedded local Ray bound
+  to 127.0.0.1 that this launcher starts and shuts down; a cluster it joined is left alone.
+- Token authentication stays on: RAY_AUTH_MODE=token unless the caller chose a mode.
+- Restarts: Ray restarts the whole worker group; every rank resumes from the newest complete DCP
+  checkpoint in the run directory (which must be shared storage on a multi-node cluster, as Ray
+  Train's storage_path must be anyway).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from launcher.errors import LaunchError
+from launcher.executors.request import Job, LaunchOptions, LaunchRequest
+from launcher.heartbeat import HEARTBEAT_DIR
+
+TRAIN_LOOP = "launcher.executors.ray_rank:train_loop_per_worker"
+
+
+def ray_address(options: LaunchOptions) -> str | None:
+    return options.address or os.environ.get("RAY_ADDRESS") or None
+
+
+class RayExecutor:
+    name = "ray"
+
+    def dry_run(self, job: Job, options: LaunchOptions) -> LaunchRequest:
+        plan = job.plan
+        address = ray_address(options)
+        cpus = max(os.cpu_count() or 1, plan.world_size)
+        settings: dict[str, Any] = {
+            "ray.init": ({"address": address} if address else
+                         {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": cpus}),
+            "ray.shutdown": "no (a cluster this launcher joined)" if address else "yes, after the run (embedded Ray)",
+            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+            "train_loop_per_worker": TRAIN_LOOP,
+            "train_loop_config": {"spec_path": str(job.spec_path), "cwd": os.getcwd()},
+            "ScalingConfig": {"num_workers": plan.world_size, "use_gpu": plan.device == "cuda",
+                              "resources_per_worker": {"CPU": 1, **({"GPU": 1} if plan.device == "cuda" else {})}},
+            "TorchConfig": {"backend": plan.backend, "timeout_s": int(job.hang_timeout_s)},
+            "RunConfig": {"name": job.name, "storage_path": str(job.run_dir / "ray")},
+            "FailureConfig": {"max_failures": job.max_restarts},
+        }
+        return LaunchRequest(executor=self.name, settings=settings,
+                             files={str(job.spec_path): "resolved job spec (JSON), read by every rank"},
+                             marker=str(job.spec_path), heartbeat_dir=str(job.run_dir / HEARTBEAT_DIR),
+                             world_size=plan.world_size, hang_timeout_s=job.hang_timeout_s)
+
+    def run(self, request: LaunchRequest) -> None:
+        s = request.settings
+        os.environ.setdefault("RAY_AUTH_MODE", s["RAY_AUTH_MODE"])  # before ray is imported
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from launcher.executors.ray_rank import train_loop_per_worker
+
+        started_here = start_ray(s["ray.init"])
+        try:
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={**s["train_loop_config"], "launched_at": _launched_at()},
+                scaling_config=ScalingConfig(**s["ScalingConfig"]),
+                torch_config=TorchConfig(**s["TorchConfig"]),
+                run_config=RunConfig(**s["RunConfig"], failure_config=FailureConfig(**s["FailureConfig"])),
+            )
+            result = trainer.fit()
+        except Exception as exc:  # Ray raises its TrainingFailedError family; keep Ray's types out of the CLI
+            raise LaunchError("the Ray Train job failed", ray_failures(exc)) from None
+        finally:
+            if started_here:
+                ray.shutdown()
+        if result.error is not None:
+            raise LaunchError("the Ray Train job failed", ray_failures(result.error))
+
+
+def start_ray(init: dict[str, Any]) -> bool:
+    """Join or start Ray as the dry run says; True when this process started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(**init)
+    return init["address"] == "local"  # 'local' always starts a new Ray, never an unrelated one found on the machine
+
+
+def ray_failures(exc: BaseException) -> dict[int, str]:
+    """rank -> error, from Ray's worker-group error when it has one."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        return {int(rank): _last_line(err) for rank, err in sorted(failures.items())}
+    return {0: _last_line(exc)}
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
+def _launched_at() -> float:
+    from launcher.startup import LAUNCHED_AT_ENV
+
+    return float(os.environ.get(LAUNCHED_AT_ENV) or time.time())

@@ -1,0 +1,104 @@
+"""The same spec gives the same numbers through every executor: local (torchrun), accelerate, Ray Train.
+
+One DDP spec (2 workers, accumulation 2) runs once per executor; the local run is the reference.
+The Ray run also carries the fault test: a worker SIGKILLed by PID mid-run, FailureConfig
+(max_failures=1) restarts the group, and the resumed run must still equal the uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from launcher.heartbeat import read_heartbeats
+from launcher.metrics import read_metrics
+from launcher.procs import processes_with_marker
+from tests.helpers import REPO, curve, final_params, free_port, launch_ok, make_spec, max_param_diff, run_dir, \
+    start_launch, wait_for_step
+
+pytestmark = pytest.mark.distributed
+TOL = 1e-6
+KILL_AFTER_STEP = 6
+
+# ~80 ms of data loading per step, so the Ray test can kill a worker between checkpoints.
+PARITY = {
+    "data": {"target": "tests.fixtures.faulty:SlowDataset", "micro_batch_size": 4,
+             "kwargs": {"n": 96, "in_dim": 8, "out_dim": 1, "delay_s": 0.01}},
+    "optimizer": {"name": "adam", "lr": 0.01, "l1": 1.0e-4, "l2": 1.0e-3, "grad_clip": 0.5},
+    "training": {"max_steps": 20, "grad_accum_steps": 2, "log_every": 1, "checkpoint_every": 4},
+    "strategy": {"name": "ddp"},
+    "resources": {"procs_per_node": 2, "max_restarts": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The reference, run with Ray, Accelerate and DeepSpeed unimportable in every process of it."""
+    tmp = tmp_path_factory.mktemp("local")
+    blocked_log = tmp / "blocked_imports.log"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "fixtures" / "no_engines"), str(REPO)]),
+           "MESHYARD_BLOCKED_IMPORTS_LOG": str(blocked_log)}
+    run = launch_ok(make_spec(tmp, "parity", **PARITY), env=env)
+    return run, blocked_log
+
+
+def summary(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def assert_same_numbers(run, reference) -> None:
+    assert [m["step"] for m in read_metrics(run)] == [m["step"] for m in read_metrics(reference)] == list(range(1, 21))
+    assert max(abs(a - b) for a, b in zip(curve(run), curve(reference))) < TOL
+    assert max(abs(a - b) for a, b in zip(curve(run, "grad_norm"), curve(reference, "grad_norm"))) < TOL
+    assert max_param_diff(final_params(run), final_params(reference)) < TOL
+    assert summary(run)["world_size"] == 2 and summary(run)["steps"] == 20
+
+
+def test_local_run_imports_no_engine(local_run):
+    run, blocked_log = local_run
+    assert summary(run)["world_size"] == 2
+    assert not blocked_log.exists(), blocked_log.read_text()
+    assert set(summary(run)["startup_s"]) == {"spawn", "pg_init", "model_build", "data_build", "first_step"}
+
+
+def test_accelerate_launch_matches_local(tmp_path, local_run):
+    spec = make_spec(tmp_path, "parity", **PARITY)
+    run = launch_ok(spec, args=("--executor", "accelerate"))
+    assert_same_numbers(run, local_run[0])
+    assert (run / "accelerate_config.yaml").is_file()
+
+
+def test_ray_train_matches_local_after_a_worker_is_killed(tmp_path, local_run):
+    spec = make_spec(tmp_path, "parity", **PARITY)
+    run = run_dir(spec)
+    launch = start_launch(spec, args=("--executor", "ray"))
+    try:
+        wait_for_step(run, KILL_AFTER_STEP, timeout=180)
+        victim = read_heartbeats(run / "heartbeats")[1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        out, err = launch.communicate(timeout=240)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.communicate()
+    assert launch.returncode == 0, (out[-3000:], err[-3000:])
+    assert "resumed from" in out + err  # the restarted group resumed from a checkpoint, not from scratch
+    assert read_heartbeats(run / "heartbeats")[1]["pid"] != victim
+    assert_same_numbers(run, local_run[0])
+    assert not processes_with_marker(str(run / "spec.json"))
+
+
+def test_two_launchers_form_one_two_node_job(tmp_path):
+    spec = make_spec(tmp_path, "twonode", strategy={"name": "ddp"}, resources={"procs_per_node": 2},
+                     data={"micro_batch_size": 4}, training={"max_steps": 4, "grad_accum_steps": 2})
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [start_launch(spec, args=("--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint))
+             for r in (0, 1)]
+    results = [node.communicate(timeout=180) for node in nodes]
+    for node, (out, err) in zip(nodes, results):
+        assert node.returncode == 0, (out[-2000:], err[-2000:])
+    run = run_dir(spec)
+    assert summary(run)["world_size"] == 4 and summary(run)["steps"] == 4
+    assert summary(run)["global_batch_size"] == 4 * 2 * 4
