@@ -1,4 +1,4 @@
-"""`meshyard` command line: launch, plan, validate, schema.
+"""`meshyard` command line: launch, plan, validate, schema, submit, jobs, render, export, quantize.
 
 Exit codes: 0 done; 2 bad input (one line `error: <field or file>: <what is allowed>`); 1 a rank
 failed or the job hung (each rank's error or where it was stuck); 75 preempted by SIGTERM after a
@@ -34,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_where(with_spec("launch", "train the job: start the processes and wait for them"))
     add_where(with_spec("plan", "print the plan and exactly what a launch would run; starts nothing"))
     with_spec("validate", "check a spec file (fields, types, ranges, importable targets)")
+    submit = with_spec("submit", "submit `meshyard launch SPEC --executor ray` as a Ray job; prints the job id")
+    submit.add_argument("--address", default=None, help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--working-dir", default=".", help="directory packaged for the job (default: the current one;"
+                        " run outputs, .venv and caches are left out); SPEC must be inside it")
+    jobs = commands.add_parser("jobs", help="Ray jobs: list | status ID | logs ID [--follow] | stop ID",
+                               description="Ray jobs on a cluster: list | status ID | logs ID [--follow] | stop ID")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", default=None, metavar="ID")
+    jobs.add_argument("--address", default=None, help="the cluster's job API (default: RAY_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     commands.add_parser("schema", help="print the job spec's JSON Schema", description="print the job spec's JSON Schema")
     export = commands.add_parser(
         "export", help="write a run's newest checkpoint as one consolidated state dict",
@@ -183,7 +193,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch,
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launcher import jobs
+    from launcher.session import prepare
+
+    prepare(args.spec, args.overrides)  # bad input fails here, not on the cluster
+    request = jobs.submission(args.spec, args.overrides, args.working_dir)
+    job_id = jobs.submit(jobs.job_client(args.address), request)
+    print(f"submitted {job_id}: {request['entrypoint']}")
+    print(f"follow it with: meshyard jobs logs {job_id} --follow --address {args.address or '$RAY_ADDRESS'}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from launcher import jobs
+
+    if args.action != "list" and not args.job_id:
+        raise UserError(f"jobs {args.action}: needs a job ID (see `meshyard jobs list`)")
+    client = jobs.job_client(args.address)
+    if args.action == "list":
+        print("\n".join(jobs.list_jobs(client)) or "no jobs")
+    elif args.action == "status":
+        print(jobs.status(client, args.job_id))
+    elif args.action == "logs":
+        jobs.print_logs(client, args.job_id, args.follow)
+    else:
+        print(f"{args.job_id}: {'stop requested' if jobs.stop(client, args.job_id) else 'not running'}")
+    return 0
+
+
+COMMANDS = {"submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export, "schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch,
             "quantize": cmd_quantize}
 
 
