@@ -24,8 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
+    def with_spec(name: str, help_text: str, first: tuple[str, list[str]] | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
+        if first is not None:  # a positional before SPEC, e.g. `render KIND SPEC`
+            sub.add_argument(first[0], choices=first[1])
         sub.add_argument("spec", help="job spec YAML file")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a spec field, e.g. --set optimizer.lr=0.01 (repeatable)")
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", nargs="?", default=None, metavar="ID")
     jobs.add_argument("--address", default=None, help="the cluster's job API (default: RAY_ADDRESS)")
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    render = with_spec("render", "print a file that runs the job elsewhere: slurm (sbatch script), rayjob"
+                                 " (KubeRay manifest) or accelerate (accelerate config)",
+                       first=("kind", ["slurm", "rayjob", "accelerate"]))
+    render.add_argument("--image", default=None, help="rayjob: container image with meshyard installed")
     commands.add_parser("schema", help="print the job spec's JSON Schema", description="print the job spec's JSON Schema")
     export = commands.add_parser(
         "export", help="write a run's newest checkpoint as one consolidated state dict",
@@ -222,7 +228,23 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export, "schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch,
+def cmd_render(args: argparse.Namespace) -> int:
+    from launcher import render
+    from launcher.executors.accelerate import generated_config
+    from launcher.session import prepare
+
+    session = prepare(args.spec, args.overrides)
+    name, plan = session.spec.name, session.plan
+    if args.kind == "slurm":
+        print(render.render_slurm(name, plan, args.spec, args.overrides), end="")
+    elif args.kind == "rayjob":
+        print(render.render_rayjob(name, plan, args.spec, args.overrides, args.image or render.DEFAULT_IMAGE), end="")
+    else:
+        print(render.render_accelerate(generated_config(session.job, machine_rank=0)), end="")
+    return 0
+
+
+COMMANDS = {"render": cmd_render, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export, "schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch,
             "quantize": cmd_quantize}
 
 

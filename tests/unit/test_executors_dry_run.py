@@ -1,0 +1,124 @@
+"""Executors' pure dry runs, cluster configs and rendered artifacts (golden files); nothing starts."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.executors.request import LaunchOptions
+from launcher.session import prepare
+from tests.helpers import REPO, make_spec
+
+CONFIGS = REPO / "cluster_configs"
+QUICKSTART = "examples/quickstart.yaml"
+
+
+def dry_run(spec, **options):
+    return prepare(str(spec), []).dry_run(LaunchOptions(**options))
+
+
+def test_accelerate_dry_run_starts_the_worker_through_the_real_cli(tmp_path):
+    spec = make_spec(tmp_path, resources={"procs_per_node": 2, "max_restarts": 2})
+    request = dry_run(spec, executor="accelerate")
+    run = tmp_path / "runs" / "test"
+    assert request.argv[:4] == (sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch")
+    assert request.argv[-3:] == ("-m", "launcher.worker", str(run / "spec.json"))
+    flags = dict(zip(request.argv[4:-3:2], request.argv[5:-3:2]))
+    assert flags["--num_processes"] == "2" and flags["--max_restarts"] == "2"
+    assert request.env["ACCELERATE_USE_CPU"] == "1"  # MULTI_GPU + this = MULTI_CPU over gloo, several processes
+    config = yaml.safe_load(request.generated[flags["--config_file"]])
+    assert config["distributed_type"] == "MULTI_GPU" and config["use_cpu"] is False and config["num_processes"] == 2
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("distributed_type: FSDP\n", "distributed_type FSDP is not allowed"),
+    ("distributed_type: MULTI_CPU\n", "on CPU it starts ONE process"),
+    ("distributed_type: MULTI_GPU\nuse_cpu: true\n", "use_cpu: true starts a single process"),
+])
+def test_accelerate_configs_that_change_the_strategy_or_world_are_refused(tmp_path, capsys, body, message):
+    config = tmp_path / "acc.yaml"
+    config.write_text(body)
+    spec = make_spec(tmp_path, resources={"procs_per_node": 2})
+    assert main(["plan", str(spec), "--executor", "accelerate", "--accelerate-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_ray_dry_run_maps_the_plan_onto_ray_train(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = make_spec(tmp_path, resources={"procs_per_node": 2, "max_restarts": 3},
+                     training={"collective_timeout_s": 60})
+    s = dry_run(spec, executor="ray").settings
+    assert s["ray.init"]["address"] == "local" and s["ray.init"]["_node_ip_address"] == "127.0.0.1"
+    assert s["ScalingConfig"] == {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1}}
+    assert s["TorchConfig"] == {"backend": "gloo", "timeout_s": 60}
+    assert s["FailureConfig"] == {"max_failures": 3}
+    assert s["RunConfig"]["storage_path"] == str(tmp_path / "runs" / "test" / "ray")
+    joined = dry_run(spec, executor="ray", address="ray://10.0.0.1:10001").settings
+    assert joined["ray.init"] == {"address": "ray://10.0.0.1:10001"} and joined["ray.shutdown"].startswith("no")
+
+
+def test_multi_node_local_dry_run_uses_c10d(tmp_path, capsys):
+    spec = make_spec(tmp_path, resources={"procs_per_node": 2})
+    assert main(["plan", str(spec), "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "10.0.0.1:29400"]) == 0
+    out = capsys.readouterr().out
+    assert "world size       4 = 2 node(s) x 2 process(es)" in out
+    assert "--nnodes=2 --node-rank=1 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=test" in out
+    assert main(["plan", str(spec), "--nnodes", "2"]) == 2
+    assert "needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, executor", [("local", "local"), ("ray-local", "ray"), ("accelerate", "accelerate"),
+                                              ("two-node", "local")])
+def test_cluster_configs_pick_the_executor(config, executor, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["plan", QUICKSTART, "--cluster", str(CONFIGS / f"{config}.yaml"), "--node-rank", "0"]) == 0
+    assert f"{executor} executor would run:" in capsys.readouterr().out
+
+
+def test_a_bad_cluster_config_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("executor: ray\nresources: {gpus: 2}\n")
+    assert main(["plan", QUICKSTART, "--cluster", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resources.gpus: Extra inputs are not permitted; allowed: nodes" in err
+
+
+@pytest.mark.parametrize("kind, extra, golden", [
+    ("slurm", ["--set", "resources.nodes=2"], "slurm.sbatch"),
+    ("rayjob", [], "kuberay-rayjob.yaml"),
+    ("accelerate", [], "accelerate/multi-process.yaml"),
+])
+def test_rendered_artifacts_match_the_checked_in_files(kind, extra, golden, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["render", kind, QUICKSTART, *extra]) == 0
+    assert capsys.readouterr().out == (CONFIGS / golden).read_text()
+
+
+def test_slurm_script_runs_one_launcher_per_node_with_a_c10d_rendezvous():
+    script = (CONFIGS / "slurm.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "srun --kill-on-bad-exit=1 bash -c 'meshyard launch examples/quickstart.yaml" in script
+    assert '--nnodes 2 --node-rank "$SLURM_NODEID" --rdzv-endpoint "$MESHYARD_RDZV_ENDPOINT"' in script
+
+
+def test_rayjob_entrypoint_is_meshyard_launch_with_ray():
+    manifest = yaml.safe_load((CONFIGS / "kuberay-rayjob.yaml").read_text())
+    assert manifest["kind"] == "RayJob" and manifest["apiVersion"] == "ray.io/v1"
+    assert manifest["spec"]["entrypoint"] == "meshyard launch examples/quickstart.yaml --executor ray"
+    assert manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1
+
+
+def test_ray_cluster_config_passes_rays_own_validation():
+    pytest.importorskip("ray")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CONFIGS / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    config["max_wrkers"] = 1  # and the validation is real: a typo is refused
+    with pytest.raises(Exception, match="max_wrkers"):
+        validate_config(prepare_config(config))
