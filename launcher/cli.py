@@ -151,7 +151,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from launcher.startup import LAUNCHED_AT_ENV, describe
 
     started = time.time()
-    os.environ[LAUNCHED_AT_ENV] = repr(started)  # every executor's ranks time their start-up from here
+    # Every executor's ranks time their start-up from here (or from an outer tool's clock, e.g. a benchmark).
+    os.environ.setdefault(LAUNCHED_AT_ENV, repr(started))
     options, overrides = resolve_where(args)
     session = prepare(args.spec, overrides)
     session.check_before_launch()
