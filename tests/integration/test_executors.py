@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from launcher.heartbeat import read_heartbeats
 from launcher.metrics import read_metrics
 from launcher.procs import processes_with_marker
+from launcher.session import prepare
 from tests.helpers import REPO, curve, final_params, free_port, launch_ok, make_spec, max_param_diff, run_dir, \
     start_launch, wait_for_step
 
@@ -102,3 +105,15 @@ def test_two_launchers_form_one_two_node_job(tmp_path):
     run = run_dir(spec)
     assert summary(run)["world_size"] == 4 and summary(run)["steps"] == 4
     assert summary(run)["global_batch_size"] == 4 * 2 * 4
+
+
+def test_a_launcher_that_silently_starts_one_process_is_refused(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process on CPU; the rank must refuse to train."""
+    session = prepare(str(make_spec(tmp_path, "one", strategy={"name": "ddp"}, resources={"procs_per_node": 2})), [])
+    session.write_spec()
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu",
+                             "--num_processes", "2", "-m", "launcher.worker", str(session.spec_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "sees WORLD_SIZE=1, but the plan needs 2 processes" in result.stderr
+    assert not (session.run_dir / "metrics.jsonl").exists()
