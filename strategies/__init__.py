@@ -1,12 +1,15 @@
 """Parallelism strategies, looked up by the plan's resolved strategy name."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from strategies.base import Strategy
 
 
-def build_strategy(name: str, device: torch.device, precision: str, stage: int | None = None) -> Strategy:
+def build_strategy(name: str, device: torch.device, precision: str, stage: int | None = None,
+                   deepspeed_config: dict[str, Any] | None = None) -> Strategy:
     if name == "single":
         from strategies.single import SingleProcessStrategy
 
@@ -23,6 +26,10 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
         from strategies.fsdp import FSDPStrategy
 
         return FSDPStrategy(device, precision, stage or 3)
+    if name == "deepspeed" and deepspeed_config is not None:
+        from strategies.deepspeed_engine import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(device, precision, deepspeed_config)
     raise ValueError(f"unknown strategy {name!r}")  # the plan only resolves implemented names
 
 

@@ -22,13 +22,18 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 def add_l1_l2_(params: Iterable[torch.nn.Parameter], l1: float, l2: float,
                reduce_sum: ReduceFn | None = None) -> torch.Tensor:
     """grad += l1*sign(w) + 2*l2*w for parameters with a gradient; return l1*|w|_1 + l2*|w|_2^2."""
+    pairs = ((local(p.detach()), local(p.grad)) for p in params if p.grad is not None)
+    return add_l1_l2_to_pairs_(pairs, l1, l2, reduce_sum)
+
+
+@torch.no_grad()
+def add_l1_l2_to_pairs_(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], l1: float, l2: float,
+                        reduce_sum: ReduceFn | None = None) -> torch.Tensor:
+    """The transform on (weight, gradient) tensor pairs, for engines that keep gradients outside p.grad."""
     penalty = torch.zeros((), dtype=torch.float64)
     if l1 == 0 and l2 == 0:
         return penalty.float()
-    for p in params:
-        if p.grad is None:
-            continue
-        grad, weight = local(p.grad), local(p.detach())
+    for weight, grad in pairs:
         if l1:
             grad.add_(torch.sign(weight), alpha=l1)
             penalty += l1 * weight.abs().sum().double().cpu()
