@@ -204,8 +204,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from launcher import jobs
     from launcher.session import prepare
 
-    prepare(args.spec, args.overrides)  # bad input fails here, not on the cluster
     request = jobs.submission(args.spec, args.overrides, args.working_dir)
+    spec = os.path.abspath(args.spec)
+    os.chdir(args.working_dir)  # targets resolve against the packaged directory, as they will on the cluster
+    prepare(spec, args.overrides)  # bad input fails here, not on the cluster
     job_id = jobs.submit(jobs.job_client(args.address), request)
     print(f"submitted {job_id}: {request['entrypoint']}")
     print(f"follow it with: meshyard jobs logs {job_id} --follow --address {args.address or '$RAY_ADDRESS'}")

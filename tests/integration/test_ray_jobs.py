@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from launcher.heartbeat import read_heartbeats
-from tests.helpers import free_port, make_spec, meshyard, run_dir
+from tests.helpers import REPO, free_port, make_spec, meshyard, run_dir, wait_for_step
 
 pytestmark = pytest.mark.distributed
 VENV_BIN = Path(sys.executable).parent
@@ -83,7 +83,7 @@ def ray_head():
     finally:
         tree = descendants(head.pid)
         signal_all(tree, signal.SIGTERM)
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + 3
         while any(Path(f"/proc/{p}").exists() for p in tree) and time.monotonic() < deadline:
             time.sleep(0.2)
         signal_all(descendants(head.pid) + tree, signal.SIGKILL)  # some Ray processes ignore SIGTERM for a while
@@ -121,17 +121,23 @@ def test_submit_follow_logs_and_succeed(tmp_path, ray_head):
 
 def test_a_long_job_is_stopped(tmp_path, ray_head):
     address, env = ray_head
+    # User code travels in the packaged working directory: the slow dataset is a module there.
+    shutil.copy(REPO / "tests" / "fixtures" / "faulty.py", tmp_path / "slowdata.py")
     spec = make_spec(tmp_path, "long", strategy={"name": "ddp"}, resources={"procs_per_node": 2},
-                     data={"target": "tests.fixtures.faulty:SlowDataset", "kwargs": {"n": 96, "in_dim": 8, "out_dim": 1, "delay_s": 0.05}},
+                     data={"target": "slowdata:SlowDataset", "kwargs": {"n": 96, "in_dim": 8, "out_dim": 1, "delay_s": 0.05}},
                      training={"max_steps": 100000})
     job_id = submitted_id(meshyard("submit", str(spec), "--address", address, "--working-dir", str(tmp_path), env=env))
     assert wait_status(address, env, job_id, {"RUNNING"}) == "RUNNING"
+    wait_for_step(run_dir(spec), 1, timeout=180)  # training has started on the Ray workers
     stopped = meshyard("jobs", "stop", job_id, "--address", address, env=env)
     assert stopped.returncode == 0 and "stop requested" in stopped.stdout
     assert wait_status(address, env, job_id, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
-    time.sleep(2)
-    for beat in read_heartbeats(run_dir(spec) / "heartbeats").values():  # ranks that had started are gone
-        assert not Path(f"/proc/{beat['pid']}").exists()
+    ranks = [beat["pid"] for beat in read_heartbeats(run_dir(spec) / "heartbeats").values()]
+    assert len(ranks) == 2
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)  # the training workers are gone too
 
 
 def test_a_bad_address_is_one_line():
