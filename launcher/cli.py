@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?", default=None, metavar="ID")
     jobs.add_argument("--address", default=None, help="the cluster's job API (default: RAY_ADDRESS)")
-    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends; exit 0 only if it SUCCEEDED")
     render = with_spec("render", "print a file that runs the job elsewhere: slurm (sbatch script), rayjob"
                                  " (KubeRay manifest) or accelerate (accelerate config)",
                        first=("kind", ["slurm", "rayjob", "accelerate"]))
@@ -226,6 +226,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(jobs.status(client, args.job_id))
     elif args.action == "logs":
         jobs.print_logs(client, args.job_id, args.follow)
+        if args.follow:  # the job has ended: say how, and exit like a launch would
+            state = jobs.status(client, args.job_id)
+            print(f"job {args.job_id}: {state}", file=sys.stderr)
+            return 0 if state == "SUCCEEDED" else 1
     else:
         print(f"{args.job_id}: {'stop requested' if jobs.stop(client, args.job_id) else 'not running'}")
     return 0

@@ -16,8 +16,8 @@ from typing import Any
 
 from launcher.errors import UserError
 
-# Never uploaded: run outputs, environments, caches (Ray's own limit is 500 MiB per package).
-EXCLUDES = ["runs/", ".venv/", "venv/", ".git/", "__pycache__/", ".pytest_cache/", "*.pt", "benchmarks/results/"]
+# Never uploaded: run outputs, environments, caches (Ray refuses packages over its size limit).
+EXCLUDES = ["runs/", ".venv/", "venv/", ".git/", "__pycache__/", ".pytest_cache/"]
 
 
 def job_client(address: str | None) -> Any:

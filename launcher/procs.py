@@ -11,6 +11,15 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Protocol
+
+
+class Started(Protocol):
+    """A started process tree's leader: subprocess.Popen, or the launcher's ForkedCommand."""
+
+    pid: int
+
+    def wait(self, timeout: float | None = None) -> int: ...
 
 
 def processes_with_marker(marker: str) -> list[int]:
@@ -57,7 +66,7 @@ def kill_marked(marker: str) -> list[int]:
     return pids
 
 
-def stop_tree(proc: subprocess.Popen, marker: str, grace_s: float = 8.0) -> None:
+def stop_tree(proc: Started, marker: str, grace_s: float = 8.0) -> None:
     """SIGTERM the launched group (the agent forwards it to workers), then SIGKILL what is left."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -1,6 +1,6 @@
 """Run an executor's process tree (torchrun, `accelerate launch`) and watch it until it ends.
 
-The tree runs in its own session so that Ctrl-C and failures tear down all of it. While it runs,
+The command runs in a fork of the launcher (launcher/executors/forked.py), in its own session so that Ctrl-C and failures tear down all of it. While it runs,
 the launcher watches the ranks' heartbeats: a job in which no rank progresses for
 `training.collective_timeout_s` is diagnosed (which rank is stuck, where) and torn down. When a
 rank fails, its exception (written by the worker's @record into the agent's log dir) comes back as a
@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.executors.forked import ForkedCommand
 from launcher.executors.request import LaunchRequest
 from launcher.heartbeat import HangWatch, diagnose, read_heartbeats
 from launcher.procs import kill_marked, stop_tree, worker_pids
@@ -29,7 +29,7 @@ def run_process_tree(request: LaunchRequest) -> None:
     started = time.time()
     request.write_generated()
     _clear_heartbeats(Path(request.heartbeat_dir))
-    proc = subprocess.Popen(request.argv, env={**os.environ, **request.env}, start_new_session=True)
+    proc = ForkedCommand(request.argv, request.env)  # = the printed command, minus a Python start and torch import
     previous = signal.signal(signal.SIGTERM, lambda *_: _forward_sigterm(request.marker))
     try:
         code = _wait(proc, request)
@@ -44,7 +44,7 @@ def run_process_tree(request: LaunchRequest) -> None:
         raise LaunchError(f"the job failed ({request.executor} exit code {code})", failures)
 
 
-def _wait(proc: subprocess.Popen, request: LaunchRequest) -> int:
+def _wait(proc: ForkedCommand, request: LaunchRequest) -> int:
     watch = HangWatch(Path(request.heartbeat_dir), request.world_size, request.hang_timeout_s)
     while (code := proc.poll()) is None:
         time.sleep(POLL_S)
