@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.plan import Plan, make_plan
+from launcher.plan import Plan, check_model_layout, make_plan
 from launcher.spec import JobSpec, load_spec
 
 SPEC_FILE = "spec.json"
@@ -84,6 +84,7 @@ def prepare(spec_file: str, overrides: list[str]) -> Session:
     from launcher.components import check_targets
 
     check_targets(spec)
+    check_model_layout(spec, plan)
     return Session(spec, plan)
 
 

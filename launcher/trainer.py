@@ -55,7 +55,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
            heartbeat: Heartbeat, started: float) -> dict[str, Any]:
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
-    strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage)
+    strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage, plan.layout)
     task_loss = build_loss(spec.loss)
     compression = Compression(spec.compression, device)
     strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
@@ -160,7 +160,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
 
 
 def _memory(strategy: Strategy) -> dict[str, int]:
-    parameters = [p for part in strategy.model_parts for p in part.parameters()]
+    # Pipeline stages on one rank may share modules: count each parameter once.
+    parameters = list({id(p): p for part in strategy.model_parts for p in part.parameters()}.values())
     state = model_state_bytes(parameters, strategy.local_optimizer_state)
     return {f"mem_{part}_bytes": size for part, size in state.items()}
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 import torch
 
 from strategies.base import Strategy
+from strategies.layout import MeshLayout
 
 
-def build_strategy(name: str, device: torch.device, precision: str, stage: int | None = None) -> Strategy:
+def build_strategy(name: str, device: torch.device, precision: str, stage: int | None = None,
+                   layout: MeshLayout | None = None) -> Strategy:
     if name == "single":
         from strategies.single import SingleProcessStrategy
 
@@ -23,6 +25,10 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
         from strategies.fsdp import FSDPStrategy
 
         return FSDPStrategy(device, precision, stage or 3)
+    if name == "mesh" and layout is not None:
+        from strategies.mesh import MeshStrategy
+
+        return MeshStrategy(device, precision, layout)
     raise ValueError(f"unknown strategy {name!r}")  # the plan only resolves implemented names
 
 
