@@ -9,8 +9,7 @@ import signal
 from dataclasses import dataclass
 
 import torch
-
-from strategies import Strategy
+import torch.distributed as dist
 
 
 class NonFiniteError(RuntimeError):
@@ -37,9 +36,11 @@ class Verdict:
     preempt: bool
 
 
-def check_step(strategy: Strategy, loss: torch.Tensor, grad_norm: torch.Tensor,
-               preemption: PreemptionFlag | None) -> Verdict:
+def check_step(loss: torch.Tensor, grad_norm: torch.Tensor, preemption: PreemptionFlag | None) -> Verdict:
     local_bad = not (torch.isfinite(loss).all() and torch.isfinite(grad_norm).all())
     flags = torch.tensor([float(local_bad), float(preemption is not None and preemption.requested)])
-    flags = strategy.reduce_sum(flags)
+    if dist.is_initialized():
+        # Over the whole world, not the data-parallel group: with pipeline/tensor parallel, ranks
+        # outside one dp group must take the same branch too.
+        dist.all_reduce(flags)
     return Verdict(nonfinite=bool(flags[0] > 0), preempt=bool(flags[1] > 0))

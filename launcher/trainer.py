@@ -103,7 +103,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         lr = scheduler.get_last_lr()[0]
         # Measured before the step zeroes the gradients, and only when logged: it walks every tensor.
         memory = _memory(strategy) if log_due else {}
-        verdict = check_step(strategy, loss, grad_norm, preemption)
+        verdict = check_step(loss, grad_norm, preemption)
         if verdict.nonfinite:
             if training.on_nonfinite == "stop":
                 raise NonFiniteError(f"step {step}: the loss or gradient norm is not finite "
