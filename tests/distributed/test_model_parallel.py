@@ -68,20 +68,16 @@ def lm_reference(tmp_path_factory):
             for name, opt in (("sgd", SGD), ("adam", ADAM))}
 
 
-def test_tensor_2_matches_one_process(tmp_path, lm_reference):
-    spec = make_spec(tmp_path, "tp", **LM, optimizer=SGD, resources={"procs_per_node": 2}, parallel={"tensor": 2})
+def test_data_2_x_tensor_2_matches_one_process(tmp_path, lm_reference):
+    spec = make_spec(tmp_path, "dp_tp", **{**LM, "data": {**LM["data"], "micro_batch_size": 2}}, optimizer=SGD,
+                     resources={"procs_per_node": 4}, parallel={"data": 2, "tensor": 2})
     assert_parity(lm_reference["sgd"], launch_ok(spec), TOLERANCE["sgd"])
 
 
-def test_data_2_x_tensor_2_matches_one_process(tmp_path, lm_reference):
-    spec = make_spec(tmp_path, "dp_tp", **{**LM, "data": {**LM["data"], "micro_batch_size": 2}}, optimizer=ADAM,
-                     resources={"procs_per_node": 4}, parallel={"data": 2, "tensor": 2})
-    assert_parity(lm_reference["adam"], launch_ok(spec), TOLERANCE["adam"])
-
-
-def test_tensor_2_checkpoint_resumes_with_tensor_1(tmp_path, lm_reference):
-    """Adam, tp=2 for steps 1-3 (its sharded checkpoint holds DTensor weights and moments), then
-    tp=1 in one process for steps 4-5: the run reads as the uninterrupted 1-process run."""
+def test_tensor_2_matches_one_process_and_resumes_with_tensor_1(tmp_path, lm_reference):
+    """Adam, tp=2 for steps 1-3 (its sharded checkpoint holds DTensor weights and moments; its
+    parameters match the 1-process run's step-3 checkpoint), then tp=1 in one process for steps
+    4-5: the whole run reads as the uninterrupted 1-process run."""
     spec = make_spec(tmp_path, "tp_resume", **LM, optimizer=ADAM, resources={"procs_per_node": 2},
                      parallel={"tensor": 2})
     run = launch_ok(spec, "training.stop_at_step=3")
