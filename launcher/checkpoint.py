@@ -1,7 +1,8 @@
 """Checkpoints through torch.distributed.checkpoint (DCP), complete or invisible.
 
 Layout of `<run>/checkpoints/`:
-    step_00000010/      model + optimizer (DCP shards), rank<r>.pt (step, scheduler, RNG), manifest.json
+    step_00000010/      model + optimizer (DCP shards, or an engine's own files: DeepSpeed writes
+                        deepspeed/), rank<r>.pt (step, scheduler, RNG), manifest.json (with the format)
     .partial-step_...   being written; never loaded, removed at the next start
     latest              name of the newest complete checkpoint, swapped atomically
 
@@ -23,9 +24,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from strategies.base import NativeCheckpoint, Strategy
+
 PARTIAL_PREFIX = ".partial-"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+DCP_FORMAT = "dcp"
 
 
 def step_dir_name(step: int) -> str:
@@ -47,9 +51,18 @@ def find_latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def checkpoint_format(path: Path) -> str:
+    return json.loads((path / MANIFEST).read_text()).get("format", DCP_FORMAT)
+
+
 def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     """Fill a plain module with a checkpoint's (possibly sharded) model weights; any world size,
     with or without a process group."""
+    if checkpoint_format(checkpoint) == "deepspeed":
+        from strategies.deepspeed_engine import consolidated_state_dict
+
+        model.load_state_dict(consolidated_state_dict(checkpoint))
+        return model
     state = {"model": model.state_dict()}
     with _single_process_ok():
         dcp.load(state, checkpoint_id=checkpoint)
@@ -57,15 +70,41 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Mod
     return model
 
 
+class DCPShards:
+    """The default checkpoint format: torch.distributed.checkpoint over the strategy's state_dict()."""
+
+    format = DCP_FORMAT
+
+    def __init__(self, strategy: Any, async_group: Any = None) -> None:
+        self.strategy, self.async_group = strategy, async_group
+
+    def save(self, path: Path) -> None:
+        with _single_process_ok():
+            dcp.save(self.strategy.state_dict(), checkpoint_id=path)
+
+    def save_async(self, path: Path) -> Any:
+        """Stage the state in memory and write it in the background; returns a future."""
+        with _single_process_ok():
+            return dcp.async_save(self.strategy.state_dict(), checkpoint_id=path, process_group=self.async_group,
+                                  no_dist=not dist.is_initialized())
+
+    def load(self, path: Path) -> None:
+        state = self.strategy.state_dict()
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path)
+        self.strategy.load_state_dict(state)
+
+
 class Checkpointer:
     """Saves and loads one run's checkpoints; every rank holds one and calls it at the same points."""
 
     def __init__(self, root: Path, keep: int, rank: int, world_size: int, barrier: Callable[[], None],
-                 async_save: bool = False) -> None:
+                 strategy: Strategy, async_save: bool = False) -> None:
         self.root, self.keep, self.rank, self.world_size, self.barrier = root, keep, rank, world_size, barrier
         self.async_save = async_save
         # async_save's collectives must not share the training group (FACTS: "collective mismatch").
-        self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.shards: NativeCheckpoint = strategy.native_checkpoint or DCPShards(strategy, async_group)
         self._pending: tuple[Any, Path, Path, int] | None = None
 
     def remove_partials(self) -> None:
@@ -75,7 +114,7 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
         self.barrier()
 
-    def save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+    def save(self, step: int, rank_state: dict[str, Any]) -> Path:
         """Write checkpoint `step`. With async_save it is published later, by wait() or the next save."""
         self.wait()
         final = self.root / step_dir_name(step)
@@ -85,13 +124,10 @@ class Checkpointer:
             partial.mkdir(parents=True)
         self.barrier()
         torch.save(rank_state, partial / f"rank{self.rank}.pt")
-        with _single_process_ok():
-            if self.async_save:
-                future = dcp.async_save(state, checkpoint_id=partial, process_group=self._async_group,
-                                        no_dist=not dist.is_initialized())
-                self._pending = (future, partial, final, step)
-                return final
-            dcp.save(state, checkpoint_id=partial)
+        if self.async_save:  # the plan allows it only with DCP
+            self._pending = (self.shards.save_async(partial), partial, final, step)  # type: ignore[attr-defined]
+            return final
+        self.shards.save(partial)
         self._finish(partial, final, step)
         return final
 
@@ -110,10 +146,10 @@ class Checkpointer:
             self._publish(partial, final, step)
         self.barrier()
 
-    def load(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
-        """Fill `state` in place from `path`; return this rank's own extra state (RNG, scheduler)."""
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=path)
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore the strategy's model and optimizer from `path`; return this rank's own extra state
+        (RNG, scheduler)."""
+        self.shards.load(path)
         own = path / f"rank{self.rank}.pt"
         # A checkpoint from a different world size has no file for new ranks: take rank 0's
         # step and schedule (identical on every rank); only the RNG stream then differs.
@@ -121,7 +157,7 @@ class Checkpointer:
 
     def _publish(self, partial: Path, final: Path, step: int) -> None:
         files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}
-        manifest = {"step": step, "world_size": self.world_size, "files": files}
+        manifest = {"step": step, "world_size": self.world_size, "format": self.shards.format, "files": files}
         _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # re-saving the same step (e.g. a resumed run that stops where it resumed)
             shutil.rmtree(final)

@@ -5,18 +5,31 @@ compared with the tensor shapes recorded in the checkpoint's DCP metadata.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from launcher.checkpoint import MANIFEST, checkpoint_format
 from launcher.components import model_factory
 from launcher.errors import UserError
 from launcher.spec.schema import JobSpec
 
 
-def check_checkpoint_fits(spec: JobSpec, checkpoint: Path) -> None:
+def check_checkpoint_fits(spec: JobSpec, checkpoint: Path, world_size: int) -> None:
+    keep = "the checkpoints were left untouched; start fresh with another name or output.dir"
+    written_by_deepspeed = checkpoint_format(checkpoint) == "deepspeed"
+    if written_by_deepspeed != (spec.strategy.name == "deepspeed"):
+        raise UserError(f"{checkpoint}: was written by {'DeepSpeed' if written_by_deepspeed else 'DCP'}, which"
+                        f" strategy {spec.strategy.name} cannot resume from; {keep}")
+    if written_by_deepspeed:
+        saved_world = json.loads((checkpoint / MANIFEST).read_text())["world_size"]
+        if saved_world != world_size:
+            raise UserError(f"{checkpoint}: a DeepSpeed checkpoint from {saved_world} processes resumes only at the"
+                            f" same world size, not {world_size}; {keep}")
+        return  # DeepSpeed checks its own tensors when it loads them
     saved = {
         key.removeprefix("model."): tuple(meta.size)
         for key, meta in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata.items()
@@ -25,7 +38,6 @@ def check_checkpoint_fits(spec: JobSpec, checkpoint: Path) -> None:
     with torch.device("meta"):
         model = model_factory(spec.model)()
     wanted = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    keep = "the checkpoints were left untouched; start fresh with another name or output.dir"
     for key, shape in wanted.items():
         if key not in saved:
             raise UserError(f"{checkpoint}: has no tensor {key!r} that the spec's model needs; {keep}")

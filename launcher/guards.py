@@ -36,8 +36,11 @@ class Verdict:
     preempt: bool
 
 
-def check_step(loss: torch.Tensor, grad_norm: torch.Tensor, preemption: PreemptionFlag | None) -> Verdict:
-    local_bad = not (torch.isfinite(loss).all() and torch.isfinite(grad_norm).all())
+def check_step(loss: torch.Tensor, grad_norm: torch.Tensor | None, preemption: PreemptionFlag | None) -> Verdict:
+    """grad_norm None: the engine measures it inside its step; a non-finite gradient then shows in
+    the logged norm and in the next step's loss."""
+    norm_bad = grad_norm is not None and not torch.isfinite(grad_norm).all()
+    local_bad = norm_bad or not torch.isfinite(loss).all()
     flags = torch.tensor([float(local_bad), float(preemption is not None and preemption.requested)])
     if dist.is_initialized():
         # Over the whole world, not the data-parallel group: with pipeline/tensor parallel, ranks

@@ -29,7 +29,7 @@ def optimizer_state_bytes_per_param(spec: OptimizerSpec) -> int:
 def theory_bytes_per_param(strategy: str, stage: int | None, dp_size: int, optimizer: OptimizerSpec) -> dict[str, float]:
     o = optimizer_state_bytes_per_param(optimizer)
     n = dp_size
-    if strategy != "zero":
+    if strategy not in ("zero", "deepspeed") or not stage:  # DeepSpeed's stage 0 is plain data parallel
         return {"params": 4, "grads": 4, "optim": o}
     return {"params": 4 / n if stage == 3 else 4, "grads": 4 / n if stage >= 2 else 4, "optim": o / n}
 

@@ -5,8 +5,12 @@ what was chosen and why.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
+from launcher.deepspeed_config import deepspeed_config
 from launcher.errors import PlanError
 from launcher.memory import theory_bytes_per_param
 from launcher.spec.schema import JobSpec, ParallelSpec
@@ -31,6 +35,7 @@ class Plan:
     global_batch_size: int
     zero_stage: int | None = None
     layout: MeshLayout | None = None  # set for the mesh strategy (tensor or pipeline degree > 1)
+    deepspeed_config: dict[str, Any] | None = None  # the engine's config, when strategy is deepspeed
     model_state_theory: dict[str, float] = field(default_factory=dict)
     inferred: tuple[str, ...] = field(default=())
 
@@ -38,7 +43,7 @@ class Plan:
         lines = [
             f"world size       {self.world_size} = {self.nodes} node(s) x {self.procs_per_node} process(es)",
             f"mesh             data {self.dp_degree} x tensor {self.tp_degree} x pipeline {self.pp_degree}",
-            f"strategy         {self.strategy}" + (f" stage {self.zero_stage}" if self.zero_stage else ""),
+            f"strategy         {self.strategy}" + (f" stage {self.zero_stage}" if self.zero_stage is not None else ""),
             f"device/backend   {self.device}/{self.backend}",
             f"global batch     {self.global_batch_size} = micro-batch {self.micro_batch_size}"
             f" x accumulation {self.grad_accum_steps} x data-parallel {self.dp_degree}",
@@ -51,6 +56,8 @@ class Plan:
             t = self.model_state_theory
             lines.append(f"model state      {sum(t.values()):g} B/param (theory, fp32) = params {t['params']:g}"
                          f" + grads {t['grads']:g} + optimizer {t['optim']:g}")
+        if self.deepspeed_config is not None:
+            lines.append(f"deepspeed config {json.dumps(self.deepspeed_config, sort_keys=True)}")
         lines += [f"inferred         {note}" for note in self.inferred]
         return "\n".join(lines)
 
@@ -100,6 +107,8 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     if strategy == "mesh" and (spec.compression.prune is not None or spec.compression.distill is not None):
         raise PlanError("compression with parallel.tensor or parallel.pipeline > 1 is not supported yet;"
                         " use data parallel (ddp or zero)")
+    ds_config = _deepspeed_plan(spec, dp) if strategy == "deepspeed" else None
+
     if spec.compression.prune is not None and strategy == "zero" and stage in (2, 3):
         raise PlanError(f"compression.prune with strategy zero stage {stage}: pruning sharded weights is not"
                         " supported yet; use ddp or zero stage 1")
@@ -122,10 +131,28 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         world_size=world, nodes=res.nodes, procs_per_node=res.procs_per_node,
         dp_degree=dp, tp_degree=par.tensor, pp_degree=par.pipeline, strategy=strategy,
         device=device, backend=backend, micro_batch_size=micro, grad_accum_steps=accum,
-        global_batch_size=micro * accum * dp, zero_stage=stage, layout=layout,
+        global_batch_size=micro * accum * dp, zero_stage=stage, layout=layout, deepspeed_config=ds_config,
         model_state_theory={} if strategy == "mesh" else theory_bytes_per_param(strategy, stage, dp, spec.optimizer),
         inferred=tuple(inferred),
     )
+
+
+def _deepspeed_plan(spec: JobSpec, dp: int) -> dict[str, Any]:
+    """DeepSpeed's config, after refusing what its engine cannot do the way the loop promises."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise PlanError("strategy.name=deepspeed: the deepspeed package is not installed;"
+                        " pip install 'meshyard[deepspeed]' (through constraints.txt), or use strategy zero")
+    if spec.compression.prune is not None:
+        raise PlanError("compression.prune with strategy deepspeed: masks would bypass the engine's parameter"
+                        " partitions; use ddp or zero stage 1")
+    if spec.training.on_nonfinite == "skip":
+        raise PlanError("training.on_nonfinite=skip with strategy deepspeed: the engine cannot drop an accumulated"
+                        " window; use stop")
+    if spec.checkpoint.async_save:
+        raise PlanError("checkpoint.async_save with strategy deepspeed: the engine writes its own checkpoints"
+                        " synchronously; set it to false")
+    return deepspeed_config(spec, dp)
+
 
 
 def _mesh_layout(spec: JobSpec, dp: int, inferred: list[str]) -> MeshLayout:

@@ -58,7 +58,7 @@ class Session:
                 raise UserError(f"checkpoint.resume={resume}: not a complete checkpoint directory (no manifest.json)")
             latest = Path(resume)
         if latest is not None:
-            check_checkpoint_fits(self.spec, latest)
+            check_checkpoint_fits(self.spec, latest, self.plan.world_size)
 
     def preempted_step(self, since: float) -> int | None:
         """The step a preempted launch checkpointed at, if this launch (started at `since`) was preempted."""

@@ -55,7 +55,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
            heartbeat: Heartbeat, started: float) -> dict[str, Any]:
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
-    strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage, plan.layout)
+    strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage, plan.deepspeed_config,
+                              plan.layout)
     task_loss = build_loss(spec.loss)
     compression = Compression(spec.compression, device)
     strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
@@ -64,7 +65,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     train_set, eval_set = build_datasets(spec.data)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", spec.checkpoint.keep, ranks.rank, ranks.world_size,
-                                _barrier, async_save=spec.checkpoint.async_save)
+                                _barrier, strategy, async_save=spec.checkpoint.async_save)
     checkpointer.remove_partials()
     resume_from = _resume_path(spec, run_dir)
     if resume_from is not None:
@@ -99,7 +100,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         window = compression.prepare_window([next(batches) for _ in range(training.grad_accum_steps)])
         loss = strategy.forward_backward(window)
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
-        grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)
+        grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)  # None: the engine clips in its step
         lr = scheduler.get_last_lr()[0]
         # Measured before the step zeroes the gradients, and only when logged: it walks every tensor.
         memory = _memory(strategy) if log_due else {}
@@ -111,7 +112,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             strategy.discard_grads()
             logger.say(f"step {step}: non-finite loss or gradient norm, update skipped (training.on_nonfinite=skip)")
         else:
-            strategy.optimizer_step()
+            step_norm = strategy.optimizer_step()
+            grad_norm = step_norm if grad_norm is None else grad_norm
         scheduler.step()  # the schedule's clock is the step count, skipped updates included
         compression.after_step(step, evaluate if eval_set is not None else None)
         elapsed, timed_steps = elapsed + time.perf_counter() - tick, timed_steps + 1
@@ -120,7 +122,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         if log_due or verdict.preempt:
             record = {
                 "step": step, "loss": strategy.reduce_mean(loss).item(), "penalty": penalty.item(),
-                "lr": lr, "grad_norm": grad_norm.item(), "skipped": verdict.nonfinite,
+                "lr": lr, "grad_norm": None if grad_norm is None else grad_norm.item(), "skipped": verdict.nonfinite,
                 "samples_per_s": layout.global_batch_size * timed_steps / elapsed,
                 "step_time_s": elapsed / timed_steps, **memory, "peak_rss_bytes": peak_rss_bytes(),
             }
@@ -131,7 +133,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             elapsed, timed_steps = 0.0, 0
         if (training.checkpoint_every and step % training.checkpoint_every == 0) or step == end_step or verdict.preempt:
             heartbeat.update(step, "checkpoint")
-            checkpointer.save(step, strategy.state_dict(), _rank_state(step, scheduler, compression))
+            checkpointer.save(step, _rank_state(step, scheduler, compression))
         if verdict.preempt:
             preempted = True
             break
@@ -190,9 +192,7 @@ def _resume_path(spec: JobSpec, run_dir: Path) -> Path | None:
 
 def _restore(checkpointer: Checkpointer, path: Path, strategy: Strategy, scheduler: Any,
              compression: Compression) -> int:
-    state = strategy.state_dict()
-    extra = checkpointer.load(path, state)
-    strategy.load_state_dict(state)
+    extra = checkpointer.load(path)
     # LambdaLR's state carries the lambda object; ours is rebuilt from the spec, so only counters travel.
     scheduler.load_state_dict({**extra["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     for group, lr in zip(strategy.optimizer.param_groups, scheduler.get_last_lr()):

@@ -1,6 +1,8 @@
 """Parallelism strategies, looked up by the plan's resolved strategy name."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from strategies.base import Strategy
@@ -8,7 +10,7 @@ from strategies.layout import MeshLayout
 
 
 def build_strategy(name: str, device: torch.device, precision: str, stage: int | None = None,
-                   layout: MeshLayout | None = None) -> Strategy:
+                   deepspeed_config: dict[str, Any] | None = None, layout: MeshLayout | None = None) -> Strategy:
     if name == "single":
         from strategies.single import SingleProcessStrategy
 
@@ -29,6 +31,10 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
         from strategies.mesh import MeshStrategy
 
         return MeshStrategy(device, precision, layout)
+    if name == "deepspeed" and deepspeed_config is not None:
+        from strategies.deepspeed_engine import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(device, precision, deepspeed_config)
     raise ValueError(f"unknown strategy {name!r}")  # the plan only resolves implemented names
 
 

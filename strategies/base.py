@@ -8,6 +8,7 @@ optimizer) on the same loop as DDP.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +20,16 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class NativeCheckpoint(Protocol):
+    """An engine's own checkpoint format, written into (and read from) one checkpoint directory."""
+
+    format: str  # recorded in the checkpoint's manifest, so readers know how to consolidate it
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
+
+
 class Strategy(Protocol):
     dp_rank: int
     dp_size: int
@@ -26,6 +37,7 @@ class Strategy(Protocol):
     optimizer: torch.optim.Optimizer
     model_parts: list[nn.Module]  # the unwrapped model: one part, or this rank's pipeline stages
     local_optimizer_state: dict[Any, dict[str, Any]]  # the state this rank stores (for memory accounting)
+    native_checkpoint: NativeCheckpoint | None  # None: checkpoints are DCP over state_dict()
 
     def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         """Build model and optimizer in ONE call: sharding strategies own both together."""
@@ -39,11 +51,15 @@ class Strategy(Protocol):
     def regularize(self, l1: float, l2: float) -> torch.Tensor:
         """Add l1*sign(w) + 2*l2*w to every gradient; return the penalty l1*|w|_1 + l2*|w|^2."""
 
-    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        """Global gradient norm over all parameters (clipped to max_norm when given), pre-clip value."""
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor | None:
+        """Global gradient norm over all parameters (clipped to max_norm when given), pre-clip value.
 
-    def optimizer_step(self) -> None:
-        """Step the optimizer and zero the gradients."""
+        None when the strategy's engine clips inside its own step (DeepSpeed ZeRO >= 1); then
+        optimizer_step() returns the norm.
+        """
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Step the optimizer and zero the gradients; return the pre-clip norm if the step measured it."""
 
     def discard_grads(self) -> None:
         """Drop this window's gradients without stepping (a skipped non-finite update)."""

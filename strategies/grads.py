@@ -4,7 +4,7 @@ Both are elementwise or sum-reductions over local tensors, so they stay correct 
 tensor-parallel and pipeline-split parameters as long as the caller combines the partial sums over
 the right groups. Partial sums come in two parts, [over sharded DTensor pieces, over whole tensors],
 because they reduce over different groups: a shard's sum adds up over its shard group, a whole
-(replicated) tensor is counted once. `reduce` maps this rank's pair to the global total (its
+(replicated) tensor is counted once. `reduce_sum` maps this rank's pair to the global total (its
 result is summed, so a plain sum over a group of all-sharded tensors also fits); replicated
 strategies pass None.
 """
@@ -35,21 +35,40 @@ def _total(parts: torch.Tensor, reduce: ReduceFn | None) -> torch.Tensor:
 def add_l1_l2_(params: Iterable[torch.nn.Parameter], l1: float, l2: float,
                reduce_sum: ReduceFn | None = None) -> torch.Tensor:
     """grad += l1*sign(w) + 2*l2*w for parameters with a gradient; return l1*|w|_1 + l2*|w|_2^2."""
-    parts = torch.zeros(2, dtype=torch.float64)
     if l1 == 0 and l2 == 0:
-        return parts.sum().float()
-    for p in params:
-        if p.grad is None:
-            continue
-        grad, weight = local(p.grad), local(p.detach())
-        slot = 0 if is_sharded(p) else 1
+        return torch.zeros(())
+    with_grad = [p for p in params if p.grad is not None]
+    parts = torch.stack([
+        _l1_l2_pairs_(((local(p.detach()), local(p.grad)) for p in with_grad if is_sharded(p) == sharded), l1, l2)
+        for sharded in (True, False)
+    ])
+    return _total(parts, reduce_sum).float()
+
+
+@torch.no_grad()
+def add_l1_l2_to_pairs_(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], l1: float, l2: float,
+                        reduce_sum: ReduceFn | None = None) -> torch.Tensor:
+    """The transform on (weight, gradient) tensor pairs, for engines that keep gradients outside p.grad.
+    All pairs are alike here: `reduce_sum` (if any) gets their one partial penalty."""
+    penalty = _l1_l2_pairs_(pairs, l1, l2)
+    if reduce_sum is not None:
+        penalty = reduce_sum(penalty)
+    return penalty.float()
+
+
+def _l1_l2_pairs_(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], l1: float, l2: float) -> torch.Tensor:
+    """Apply the transform in place; return this rank's partial penalty (float64, not reduced)."""
+    penalty = torch.zeros((), dtype=torch.float64)
+    if l1 == 0 and l2 == 0:
+        return penalty
+    for weight, grad in pairs:
         if l1:
             grad.add_(torch.sign(weight), alpha=l1)
-            parts[slot] += l1 * weight.abs().sum().double().cpu()
+            penalty += l1 * weight.abs().sum().double().cpu()
         if l2:
             grad.add_(weight, alpha=2 * l2)
-            parts[slot] += l2 * weight.pow(2).sum().double().cpu()
-    return _total(parts, reduce_sum).float()
+            penalty += l2 * weight.pow(2).sum().double().cpu()
+    return penalty
 
 
 @torch.no_grad()

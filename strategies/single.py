@@ -21,6 +21,7 @@ class SingleProcessStrategy:
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.dp_rank, self.dp_size = 0, 1
         self.is_logging_rank = True
+        self.native_checkpoint = None  # DCP over state_dict()
 
     # -- hooks for data-parallel subclasses ------------------------------------------------------
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -57,9 +58,10 @@ class SingleProcessStrategy:
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         return clip_grad_norm_(self.module.parameters(), max_norm, self._reduce_fn())
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self) -> torch.Tensor | None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return None
 
     def discard_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -88,15 +88,27 @@ class TrainingSpec(Section):
 
 
 class StrategySpec(Section):
-    name: Literal["auto", "single", "ddp", "zero"] = Field(
-        default="auto", description="auto = single for one process, ddp otherwise; zero = ZeRO sharding (FSDP2)"
+    name: Literal["auto", "single", "ddp", "zero", "deepspeed"] = Field(
+        default="auto",
+        description="auto = single for one process, ddp otherwise; zero = ZeRO sharding with torch FSDP2/"
+                    "ZeroRedundancyOptimizer; deepspeed = DeepSpeed's engine",
     )
-    stage: int | None = Field(default=None, ge=1, le=3, description="ZeRO stage, with name: zero")
+    stage: int | None = Field(default=None, ge=0, le=3,
+                              description="ZeRO stage: 1-3 with name zero, 0-3 with name deepspeed")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        default="none", description="deepspeed only: keep optimizer state (and its step) in CPU memory")
+    config: str | None = Field(
+        default=None, description="deepspeed only: a DeepSpeed JSON config merged into the one written from the"
+                                  " spec (a value both set differently is an error)")
 
     @model_validator(mode="after")
     def _stage_goes_with_zero(self) -> "StrategySpec":
-        if (self.name == "zero") != (self.stage is not None):
-            raise ValueError("stage: required with name zero (1, 2 or 3), and only with it")
+        if self.name == "zero" and self.stage == 0:
+            raise ValueError("stage: ZeRO stage 0 is plain data parallel; with name zero use 1, 2 or 3")
+        if (self.name in ("zero", "deepspeed")) != (self.stage is not None):
+            raise ValueError("stage: required with name zero (1, 2 or 3) or deepspeed (0-3), and only with them")
+        if self.name != "deepspeed" and (self.offload_optimizer != "none" or self.config is not None):
+            raise ValueError("offload_optimizer and config apply to name deepspeed only")
         return self
 
 

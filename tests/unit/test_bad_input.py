@@ -1,6 +1,9 @@
 """Malformed specs and arguments: exit 2, one line naming the field or file and what is allowed."""
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from launcher.cli import main
@@ -44,8 +47,13 @@ CASES = [
     ("--set through a value", {}, ["--set", "loss.kind=x"], "loss: is a value, not a section"),
     ("prune amount above 1", {"compression": {"prune": {"amount": 1.5, "schedule": {"end_step": 5}}}}, [], "compression.prune.amount: Input should be less than or equal to 1"),
     ("structured global pruning", {"compression": {"prune": {"method": "l1_structured", "amount": 0.5, "schedule": {"end_step": 5}}}}, [], "compression.prune: method l1_structured prunes whole rows per layer; use scope: per_layer"),
-    ("zero without a stage", {"strategy": {"name": "zero"}}, [], "strategy: stage: required with name zero (1, 2 or 3), and only with it"),
+    ("zero without a stage", {"strategy": {"name": "zero"}}, [], "strategy: stage: required with name zero (1, 2 or 3) or deepspeed (0-3), and only with them"),
     ("zero stage 4", {"strategy": {"name": "zero", "stage": 4}}, [], "strategy.stage: Input should be less than or equal to 3"),
+    ("zero stage 0", {"strategy": {"name": "zero", "stage": 0}}, [], "strategy: stage: ZeRO stage 0 is plain data parallel; with name zero use 1, 2 or 3"),
+    ("deepspeed stage 4", {"strategy": {"name": "deepspeed", "stage": 4}}, [], "strategy.stage: Input should be less than or equal to 3"),
+    ("offload without deepspeed", {"strategy": {"name": "ddp", "offload_optimizer": "cpu"}}, [], "strategy: offload_optimizer and config apply to name deepspeed only"),
+    ("deepspeed config not found", {"strategy": {"name": "deepspeed", "stage": 1, "config": "no_such.json"}}, [], "strategy.config=no_such.json: no such file"),
+    ("deepspeed cannot skip", {"strategy": {"name": "deepspeed", "stage": 2}, "training": {"on_nonfinite": "skip"}}, [], "training.on_nonfinite=skip with strategy deepspeed"),
     ("pruning sharded weights", {"strategy": {"name": "zero", "stage": 3}, "resources": {"procs_per_node": 2}, "compression": {"prune": {"amount": 0.5, "schedule": {"end_step": 5}}}}, [], "compression.prune with strategy zero stage 3: pruning sharded weights is not supported yet"),
     ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local"),
 ]
@@ -103,3 +111,36 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert result.stderr.strip() == "error: optimizer.lr: Input should be greater than 0 (got -1)"
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "runs").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("user,expected", [
+    ({"gradient_accumulation_steps": 4},
+     "strategy.config: gradient_accumulation_steps=4 conflicts with gradient_accumulation_steps=1 from the job spec"
+     " (training.grad_accum_steps)"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}},
+     "strategy.config: zero_optimization.stage=3 conflicts with zero_optimization.stage=1 from the job spec (strategy.stage)"),
+    ({"optimizer": {"type": "Adam"}}, "strategy.config: 'optimizer' is set by the job spec (optimizer)"),
+])
+def test_conflicting_deepspeed_json_names_both_sources(tmp_path, capsys, user, expected):
+    (tmp_path / "ds.json").write_text(json.dumps(user))
+    spec = make_spec(tmp_path, strategy={"name": "deepspeed", "stage": 1, "config": str(tmp_path / "ds.json")})
+    code, err = _run_main(capsys, ["plan", str(spec)])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_deepspeed_json_adds_settings_and_accepts_auto(tmp_path, capsys):
+    user = {"zero_optimization": {"reduce_bucket_size": 1000}, "train_micro_batch_size_per_gpu": "auto"}
+    (tmp_path / "ds.json").write_text(json.dumps(user))
+    spec = make_spec(tmp_path, strategy={"name": "deepspeed", "stage": 2, "config": str(tmp_path / "ds.json")})
+    assert main(["plan", str(spec)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("deepspeed config"))
+    config = json.loads(line.removeprefix("deepspeed config"))
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert config["train_micro_batch_size_per_gpu"] == 24  # "auto" takes the spec's value
+
+
+def test_deepspeed_not_installed_is_a_plan_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what importlib reports for a missing package
+    spec = make_spec(tmp_path, strategy={"name": "deepspeed", "stage": 0})
+    code, err = _run_main(capsys, ["plan", str(spec)])
+    assert code == 2 and "strategy.name=deepspeed: the deepspeed package is not installed" in err, err

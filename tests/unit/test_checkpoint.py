@@ -6,24 +6,40 @@ import torch
 from launcher.checkpoint import Checkpointer, find_latest
 
 
+class StateHolder:
+    """The two Strategy methods a DCP checkpoint uses, over one tensor."""
+
+    native_checkpoint = None
+
+    def __init__(self, value: float) -> None:
+        self.state = {"model": {"w": torch.full((3,), float(value))}}
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
 def _save(root, step, value):
-    ckpt = Checkpointer(root, keep=2, rank=0, world_size=1, barrier=lambda: None)
-    ckpt.save(step, {"model": {"w": torch.full((3,), float(value))}}, {"step": step})
-    return ckpt
+    holder = StateHolder(value)
+    ckpt = Checkpointer(root, keep=2, rank=0, world_size=1, barrier=lambda: None, strategy=holder)
+    ckpt.save(step, {"step": step})
+    return ckpt, holder
 
 
 def test_latest_complete_wins_and_keep_prunes(tmp_path):
     for step in (1, 2, 3):
-        ckpt = _save(tmp_path, step, step)
+        ckpt, holder = _save(tmp_path, step, step)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
     assert find_latest(tmp_path).name == "step_00000003"
-    state = {"model": {"w": torch.zeros(3)}}
-    assert ckpt.load(find_latest(tmp_path), state) == {"step": 3}
-    assert torch.equal(state["model"]["w"], torch.full((3,), 3.0))
+    holder.state["model"]["w"].zero_()
+    assert ckpt.load(find_latest(tmp_path)) == {"step": 3}
+    assert torch.equal(holder.state["model"]["w"], torch.full((3,), 3.0))
 
 
 def test_partial_directory_is_ignored_and_removed(tmp_path):
-    ckpt = _save(tmp_path, 1, 1)
+    ckpt, _ = _save(tmp_path, 1, 1)
     partial = tmp_path / ".partial-step_00000002"
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"half a file")

@@ -1,0 +1,192 @@
+"""DeepSpeed's engine (ZeRO stages 0-3, optional CPU optimizer offload) behind the same seam.
+
+What differs from the torch-native strategies, and why it stays inside this file:
+- The engine scales the loss by 1/gradient_accumulation_steps in `backward` itself, so the window
+  loss is passed unscaled, and `engine.step()` is called after every micro-batch (off the boundary
+  it only advances the engine's accumulation counter).
+- From ZeRO-1 on, gradients live in the engine's partitioned buffers, not in `p.grad`: L1/L2 goes
+  through DeepSpeed's public accessors (`safe_get_full_grad` for stages 0-2, whose weights are
+  whole on every rank; `safe_get_local_grad` for stage 3, whose weights and gradients are
+  partitions — nothing is gathered).
+- The engine clips inside its step (`gradient_clipping` in its config), so from ZeRO-1 on the
+  gradient norm is known only after `optimizer_step()`, which returns it.
+- Checkpoints are DeepSpeed's own (`engine.save_checkpoint`), written into the directory the
+  loop's Checkpointer publishes; `consolidated_state_dict` turns one back into a plain state dict.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from strategies.base import Batch, LossFn, ModelFactory, OptimizerFactory
+from strategies.data_parallel import DataParallelStrategy
+from strategies.grads import add_l1_l2_to_pairs_, clip_grad_norm_
+from strategies.single import to_device
+
+CHECKPOINT_TAG = "deepspeed"  # the engine's sub-directory inside one of our step directories
+
+
+def skip_shared_memory_comm_build() -> None:
+    """Don't JIT-compile DeepSpeed's shared-memory all-reduce op on CPU.
+
+    DeepSpeed builds it (ninja + a C++ compiler, ~2.5 min the first time) whenever its comm backend
+    starts, but only its inference all-reduce uses it; training collectives go through the gloo
+    process group. Marking the op incompatible makes DeepSpeed fall back to gloo, as it does on
+    platforms without the op.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class DeepSpeedStrategy(DataParallelStrategy):
+    def __init__(self, device: torch.device, precision: str, config: dict[str, Any]) -> None:
+        super().__init__(device, precision)
+        self.config = config
+        self.stage: int = config["zero_optimization"]["stage"]
+        self.input_dtype = torch.bfloat16 if config["bf16"]["enabled"] else None
+        self.native_checkpoint = DeepSpeedCheckpoint(self)
+
+    def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
+        # DeepSpeed picks its accelerator at import; on a machine with no GPU it must be told "cpu".
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        import deepspeed
+
+        skip_shared_memory_comm_build()
+        # DeepSpeed calls torch's deprecated *_tensor collectives every step; the warning is not ours to fix.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+_tensor` is deprecated",
+                                category=FutureWarning)
+        self.module = build_model().to(self.device)  # seeded: identical on every rank before partitioning
+        optimizer = build_optimizer(self.module.parameters())
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.config,
+                                                    dist_init_required=False)
+        self.model = self.engine
+        # The loop's LR schedule drives the torch optimizer; the engine's ZeRO optimizer shares its param groups.
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+
+    def forward_backward(self, micro_batches: Sequence[Batch], *, sync_grads: bool = True) -> torch.Tensor:
+        if not sync_grads:
+            raise ValueError("DeepSpeed's engine synchronizes on its own accumulation boundary")
+        total = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            loss = self._loss(batch)
+            self.engine.backward(loss)  # divides by gradient_accumulation_steps
+            if index < len(micro_batches) - 1:
+                self.engine.step()  # off the boundary: only advances the engine's micro-step counter
+            total += loss.detach().float()
+        return total / len(micro_batches)
+
+    def regularize(self, l1: float, l2: float) -> torch.Tensor:
+        if self.stage == 3:
+            return add_l1_l2_to_pairs_(self._local_pairs(), l1, l2, self.reduce_sum)
+        return add_l1_l2_to_pairs_(self._full_pairs(), l1, l2)
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor | None:
+        """The engine clips in its step. At stage 0 the synchronized gradients are in p.grad, so the
+        pre-clip norm is measured here; from ZeRO-1 on, optimizer_step() reports the engine's."""
+        if self.stage == 0:
+            return clip_grad_norm_(self.module.parameters(), None)
+        return None
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32).detach().cpu()
+
+    def discard_grads(self) -> None:
+        raise RuntimeError("DeepSpeed cannot drop an accumulated window")  # the plan refuses on_nonfinite=skip
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        try:
+            return self._forward(inputs.to(self.device)).float()
+        finally:
+            self.engine.train()
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("DeepSpeed checkpoints are the engine's own (see native_checkpoint)")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("DeepSpeed checkpoints are the engine's own (see native_checkpoint)")
+
+    @property
+    def local_optimizer_state(self) -> dict[Any, dict[str, Any]]:
+        zero_optimizer = self.engine.optimizer
+        inner = getattr(zero_optimizer, "optimizer", zero_optimizer)  # ZeRO wraps the torch optimizer
+        return inner.state
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.input_dtype is not None and inputs.is_floating_point():
+            inputs = inputs.to(self.input_dtype)  # the engine holds bf16 weights
+        return self.engine(inputs)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        inputs, targets = to_device(batch, self.device)
+        return self.loss_fn(self._forward(inputs).float(), targets)
+
+    # (weight, gradient) pairs for the L1/L2 transform. Each pair's gradient is written back to the
+    # engine when the consumer moves on to the next pair (i.e. after it has been transformed).
+    def _full_pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        for param in self.module.parameters():
+            grad = safe_get_full_grad(param)
+            if grad is None:
+                continue
+            yield param.detach(), grad
+            safe_set_full_grad(param, grad)
+
+    def _local_pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+
+        for param in self.module.parameters():
+            grad = safe_get_local_grad(param)
+            if grad is None:
+                continue
+            # Partitions are padded to equal size; the padding is not part of the model (its weights
+            # are arbitrary, and l1*sign(w) there would leak into the gradient norm).
+            start = self.dp_rank * grad.numel()
+            real = max(0, min(grad.numel(), param.ds_numel - start))
+            yield safe_get_local_fp32_param(param).view(-1)[:real], grad.view(-1)[:real]
+            safe_set_local_grad(param, grad)
+
+
+class DeepSpeedCheckpoint:
+    """The engine's own checkpoint inside one of the loop's step directories (format `deepspeed`)."""
+
+    format = CHECKPOINT_TAG
+
+    def __init__(self, strategy: DeepSpeedStrategy) -> None:
+        self.strategy = strategy
+
+    def save(self, path: Path) -> None:
+        self.strategy.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        loaded, _ = self.strategy.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=False)
+        if loaded is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint under {CHECKPOINT_TAG}/")
+
+
+def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 model weights from one of our DeepSpeed checkpoints, without a process group.
+
+    DeepSpeed's checkpoint files are pickles that only DeepSpeed's own readers (weights_only=False)
+    can open: load checkpoints you wrote yourself.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine_dir = path / CHECKPOINT_TAG
+    if any(engine_dir.glob("*optim_states.pt")):  # ZeRO >= 1
+        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)
+    model_states = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {key: value.float() for key, value in model_states["module"].items()}
+
