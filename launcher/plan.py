@@ -206,6 +206,12 @@ def check_model_layout(spec: JobSpec, plan: Plan) -> None:
         if layout.tp_plan is None and not getattr(model, "tp_plan", None):
             raise PlanError(f"parallel.tensor={layout.tp_degree}: the model ({spec.model.target}) declares no"
                             " tp_plan; give parallel.tp_plan (module path -> colwise|rowwise)")
+        from strategies.tensor_parallel import resolve_tp_plan, tp_targets
+
+        targets = tp_targets(model, resolve_tp_plan(model, layout.tp_plan))
+        if not any(isinstance(model.get_submodule(name), torch.nn.Linear) for name in targets):
+            raise PlanError(f"parallel.tensor={layout.tp_degree}: the tensor-parallel plan matches no nn.Linear of"
+                            f" the model ({spec.model.target}); plan patterns are module paths such as blocks.*.fc1")
         heads = getattr(model, "n_heads", None)
         if heads is not None and heads % layout.tp_degree:
             raise PlanError(f"parallel.tensor={layout.tp_degree} does not divide the model's {heads} attention"

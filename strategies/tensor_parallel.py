@@ -23,11 +23,16 @@ def resolve_tp_plan(model: nn.Module, spec_plan: dict[str, str] | None) -> dict[
     return dict(plan)
 
 
+def tp_targets(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
+    """Module name -> style for every submodule a plan pattern matches (the last matching pattern wins)."""
+    return {name: style for name, _ in model.named_modules()
+            for pattern, style in plan.items() if name and fnmatch(name, pattern)}
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str]) -> nn.Module:
     """Parallelize every submodule of `model` matched by `plan` (modules of other pipeline stages are
     simply absent, so patterns are matched here rather than handed to torch as paths)."""
-    matched = {name: STYLES[style]() for name, _ in model.named_modules()
-               for pattern, style in plan.items() if name and fnmatch(name, pattern)}
-    if not matched:
+    targets = tp_targets(model, plan)
+    if not targets:
         return model
-    return parallelize_module(model, tp_mesh, matched)
+    return parallelize_module(model, tp_mesh, {name: STYLES[style]() for name, style in targets.items()})

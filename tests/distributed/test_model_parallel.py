@@ -32,6 +32,18 @@ LM = {"model": {"target": "launcher.models:transformer", "kwargs": {"dim": 32, "
       "training": {"max_steps": 5, "grad_accum_steps": 2, "log_every": 1, "checkpoint_every": 3}}
 
 
+def local_param_bytes_of_rank_0(run: Path) -> int:
+    return read_metrics(run)[-1]["mem_params_bytes"]
+
+
+def sharded_halves(dim: int, layers: int, attention: bool, mlp: bool) -> int:
+    """Parameters a tp=2 rank does NOT hold: half of each colwise weight and bias, half of each
+    rowwise weight (a rowwise bias is replicated)."""
+    per_layer = (3 * (dim * dim + dim) + dim * dim) // 2 if attention else 0
+    per_layer += ((4 * dim * dim + 4 * dim) + 4 * dim * dim) // 2 if mlp else 0
+    return layers * per_layer
+
+
 def assert_parity(reference: Path, run: Path, tol: float) -> None:
     ref, got = read_metrics(reference), read_metrics(run)
     assert [m["step"] for m in got] == [m["step"] for m in ref]
@@ -69,9 +81,14 @@ def lm_reference(tmp_path_factory):
 
 
 def test_data_2_x_tensor_2_matches_one_process(tmp_path, lm_reference):
+    """With a plan from the spec instead of the model's: attention only (fc1/fc2 stay plain)."""
+    attention_only = {"blocks.*.attn.[qkv]": "colwise", "blocks.*.attn.o": "rowwise"}
     spec = make_spec(tmp_path, "dp_tp", **{**LM, "data": {**LM["data"], "micro_batch_size": 2}}, optimizer=SGD,
-                     resources={"procs_per_node": 4}, parallel={"data": 2, "tensor": 2})
-    assert_parity(lm_reference["sgd"], launch_ok(spec), TOLERANCE["sgd"])
+                     resources={"procs_per_node": 4}, parallel={"data": 2, "tensor": 2, "tp_plan": attention_only})
+    run = launch_ok(spec)
+    assert_parity(lm_reference["sgd"], run, TOLERANCE["sgd"])
+    whole = sum(t.numel() for t in final_params(run).values())
+    assert local_param_bytes_of_rank_0(run) == 4 * (whole - sharded_halves(32, 2, attention=True, mlp=False))
 
 
 def test_tensor_2_matches_one_process_and_resumes_with_tensor_1(tmp_path, lm_reference):
@@ -85,6 +102,8 @@ def test_tensor_2_matches_one_process_and_resumes_with_tensor_1(tmp_path, lm_ref
     at_3 = [load_model_weights(transformer(**LM["model"]["kwargs"]), r / "checkpoints" / "step_00000003").state_dict()
             for r in (reference, run)]
     assert max_param_diff(*at_3) < TOLERANCE["adam"]
+    whole = sum(t.numel() for t in at_3[1].values())
+    assert local_param_bytes_of_rank_0(run) == 4 * (whole - sharded_halves(32, 2, attention=True, mlp=True))
     resumed = train_in_process(spec, "parallel.tensor=1", "resources.procs_per_node=1")
     assert resumed == run
     assert_parity(reference, run, TOLERANCE["adam"])

@@ -8,6 +8,7 @@ from launcher.models import mlp, transformer
 from launcher.plan import make_plan
 from strategies.layout import MeshLayout, stage_block_ranges
 from strategies.pipeline import pipeline_split
+from strategies.tensor_parallel import resolve_tp_plan, tp_targets
 from tests.unit.test_plan import spec_with
 
 
@@ -78,3 +79,13 @@ def test_transformer_first_and_last_stage_ends():
     assert last.tok_emb is None and last.pos_emb is None and last.head is not None
     ids = torch.randint(0, 32, (2, 8))
     assert torch.allclose(last(first(ids)), model(ids))
+
+
+def test_tensor_parallel_plan_from_the_spec_wins_over_the_models():
+    model = transformer(dim=16, n_heads=2, n_layers=2, max_len=8)
+    own = tp_targets(model, resolve_tp_plan(model, None))
+    assert own["blocks.1.attn.q"] == "colwise" and own["blocks.0.fc2"] == "rowwise" and len(own) == 12
+    user = tp_targets(mlp(depth=2), resolve_tp_plan(mlp(), {"blocks.0.0": "colwise", "blocks.1.0": "rowwise"}))
+    assert user == {"blocks.0.0": "colwise", "blocks.1.0": "rowwise"}
+    with pytest.raises(ValueError, match="declares no tp_plan"):
+        resolve_tp_plan(mlp(), None)
