@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from strategies.base import Batch, LossFn, ModelFactory, OptimizerFactory
 from strategies.grads import local
 from strategies.layout import MeshLayout
+from strategies.meta_init import init_module_by_module
 from strategies.pipeline import build_schedule, pipeline_split
 from strategies.single import SingleProcessStrategy, to_device
 from strategies.tensor_parallel import apply_tp, resolve_tp_plan
@@ -48,9 +49,14 @@ class MeshStrategy(SingleProcessStrategy):
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
-        model = build_model()  # every rank builds the same weights (same seed), then keeps its share
+        with torch.device("meta"):
+            model = build_model()
         self._all_param_names = [name for name, _ in model.named_parameters()]
         owner, stages = pipeline_split(model, self.layout, self.pp_rank) if self.layout.pp_degree > 1 else (model, [model])
+        # Walk the whole model so the random draws match one process; keep only this rank's stages.
+        mine = {id(module) for module in owner.modules()}
+        for _ in init_module_by_module(model, keep=lambda module: id(module) in mine):
+            pass
         if self.layout.tp_degree > 1:
             apply_tp(owner, self.mesh["tp"], resolve_tp_plan(model, self.layout.tp_plan))
         self.module = self.model = owner.to(self.device)
