@@ -37,6 +37,7 @@ CASES = [
     ("1f1b with too few microbatches", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "microbatches": 1}, "resources": {"procs_per_node": 2}}, [], "parallel.microbatches=1: schedule 1f1b needs at least parallel.pipeline=2"),
     ("split points vs stages", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "split_points": ["blocks.1", "blocks.2"]}, "resources": {"procs_per_node": 2}}, [], "parallel.split_points: 2 split points make 3 stages, but pipeline x stages_per_rank = 2"),
     ("interleaving without its schedule", {"parallel": {"stages_per_rank": 2}}, [], "parallel: stages_per_rank=2 needs schedule: interleaved_1f1b"),
+    ("deepspeed with tensor parallel", {"model": {"target": "launcher.models:transformer"}, "strategy": {"name": "deepspeed", "stage": 1}, "parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [], "strategy.name=deepspeed with parallel.tensor=2, parallel.pipeline=1: not supported; use ddp or auto"),
     ("zero with a pipeline", {"model": PIPELINE_MLP, "strategy": {"name": "zero", "stage": 1}, "parallel": {"pipeline": 2}, "resources": {"procs_per_node": 2}}, [], "strategy.name=zero with parallel.tensor=1, parallel.pipeline=2: not supported; use ddp or auto"),
     ("single with 2 procs", {"strategy": {"name": "single"}, "resources": {"procs_per_node": 2}}, [], "strategy.name=single runs one process, but the world size is 2"),
     ("zero data degree", {"parallel": {"data": 0}}, [], "parallel.data: must be -1 (the rest of the world) or a positive integer"),
