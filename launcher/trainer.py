@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from launcher.checkpoint import Checkpointer, find_latest
 from launcher.components import build_datasets, build_loss, correct_predictions, model_factory
 from launcher.compression.hooks import Compression
-from launcher.guards import NonFiniteError, PreemptionFlag, check_step
+from launcher.guards import NonFiniteError, PreemptionFlag, StepAgreement
 from launcher.heartbeat import Heartbeat
 from launcher.memory import model_state_bytes, peak_rss_bytes
 from launcher.metrics import MetricsLogger, read_metrics
@@ -99,12 +99,13 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         tick = time.perf_counter()
         window = compression.prepare_window([next(batches) for _ in range(training.grad_accum_steps)])
         loss = strategy.forward_backward(window)
+        agreement = StepAgreement(loss, preemption)  # in flight while we regularize and clip
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)  # None: the engine clips in its step
         lr = scheduler.get_last_lr()[0]
         # Measured before the step zeroes the gradients, and only when logged: it walks every tensor.
         memory = _memory(strategy) if log_due else {}
-        verdict = check_step(loss, grad_norm, preemption)
+        verdict = agreement.verdict(grad_norm)
         if verdict.nonfinite:
             if training.on_nonfinite == "stop":
                 raise NonFiniteError(f"step {step}: the loss or gradient norm is not finite "
