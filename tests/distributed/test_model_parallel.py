@@ -1,6 +1,6 @@
 """Pipeline and tensor parallel (and both with data parallel) against a 1-process run on the same
 global batch: loss, penalty, gradient norm and eval curves, and the parameters their DCP
-checkpoints hold. Clipping is active in every run (grad_clip below the gradient norm), so the
+checkpoints hold; tp=2 and interleaved pp=2 checkpoints resume in one process. Clipping is active in every run (grad_clip below the gradient norm), so the
 global norm over mixed DTensor/plain parameters and over pipeline stages is exercised."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from launcher.checkpoint import load_model_weights
 from launcher.metrics import read_metrics
-from launcher.models import transformer
+from launcher.models import mlp, transformer
 from tests.helpers import curve, final_params, launch_ok, make_spec, max_param_diff, train_in_process
 
 pytestmark = pytest.mark.distributed
@@ -24,7 +24,7 @@ TOLERANCE = {"sgd": 1e-5, "adam": 1e-4}
 MLP = {"model": {"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "hidden": 16, "out_dim": 1, "depth": 4}},
        "data": {"kwargs": {"n": 96, "in_dim": 8, "out_dim": 1}, "eval_kwargs": {"n": 20, "seed": 1},
                 "micro_batch_size": 8},
-       "optimizer": SGD, "training": {"max_steps": 5, "grad_accum_steps": 3, "log_every": 1}}
+       "optimizer": SGD, "training": {"max_steps": 5, "grad_accum_steps": 3, "log_every": 1, "checkpoint_every": 3}}
 LM = {"model": {"target": "launcher.models:transformer", "kwargs": {"dim": 32, "n_heads": 4, "n_layers": 2, "max_len": 16}},
       "data": {"target": "launcher.data:char_corpus", "kwargs": {"n": 64, "seq_len": 16},
                "eval_kwargs": {"n": 12, "seed": 1}, "micro_batch_size": 4},
@@ -62,7 +62,17 @@ def test_pipeline_2_ranks_matches_one_process(tmp_path, mlp_reference, schedule,
     spec = make_spec(tmp_path, "pp", **MLP, resources={"procs_per_node": 2},
                      parallel={"pipeline": 2, "schedule": schedule, "stages_per_rank": stages_per_rank,
                                "microbatches": 4})
-    assert_parity(mlp_reference, launch_ok(spec), TOLERANCE["sgd"])
+    if stages_per_rank == 1:
+        assert_parity(mlp_reference, launch_ok(spec), TOLERANCE["sgd"])
+        return
+    # Interleaved: 2 stages per rank for steps 1-3, then the checkpoint (each rank wrote its two
+    # stages' weights and momentum buffers) resumes in one process for steps 4-5.
+    run = launch_ok(spec, "training.stop_at_step=3")
+    at_3 = [load_model_weights(mlp(**MLP["model"]["kwargs"]), r / "checkpoints" / "step_00000003").state_dict()
+            for r in (mlp_reference, run)]
+    assert max_param_diff(*at_3) < TOLERANCE["sgd"]
+    assert train_in_process(spec, "parallel.pipeline=1", "resources.procs_per_node=1") == run
+    assert_parity(mlp_reference, run, TOLERANCE["sgd"])
 
 
 def test_data_2_x_pipeline_2_matches_one_process(tmp_path, mlp_reference):
