@@ -11,9 +11,15 @@ from torch.utils.data import Dataset
 from launcher.imports import resolve
 from launcher.spec.schema import ComponentSpec, DataSpec, JobSpec
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of LM logits [B, T, V] against token ids [B, T]."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 BUILTIN_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": F.mse_loss,
     "cross_entropy": F.cross_entropy,
+    "token_cross_entropy": token_cross_entropy,
 }
 
 

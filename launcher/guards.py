@@ -1,7 +1,7 @@
 """Per-step agreement between ranks: stop for preemption, skip or stop on a non-finite loss/gradient.
 
-One tiny all-reduce per step, so every rank takes the same branch: a rank that alone skipped an
-update or left the loop would desynchronize the collectives of the next step.
+Every rank must take the same branch: a rank that alone skipped an update or left the loop would
+desynchronize the collectives of the next step.
 """
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
-
-from strategies import Strategy
+import torch.distributed as dist
 
 
 class NonFiniteError(RuntimeError):
@@ -41,12 +40,24 @@ class Verdict:
     preempt: bool
 
 
-def check_step(strategy: Strategy, loss: torch.Tensor, grad_norm: torch.Tensor | None,
-               preemption: PreemptionFlag | None) -> Verdict:
-    """grad_norm None: the engine measures it inside its step; a non-finite gradient then shows in
-    the logged norm and in the next step's loss."""
-    norm_bad = grad_norm is not None and not torch.isfinite(grad_norm).all()
-    local_bad = norm_bad or not torch.isfinite(loss).all()
-    flags = torch.tensor([float(local_bad), float(preemption is not None and preemption.requested)])
-    flags = strategy.reduce_sum(flags)
-    return Verdict(nonfinite=bool(flags[0] > 0), preempt=bool(flags[1] > 0))
+class StepAgreement:
+    """Every rank's vote on this step, collected by one all-reduce over the whole world.
+
+    Started right after the backward and read before the optimizer step, so the all-reduce runs on
+    gloo's thread while the main thread regularizes and clips: the agreement costs no round trip of
+    its own. The gradient norm needs no vote: every strategy reports the global norm, identical on
+    every rank.
+    """
+
+    def __init__(self, loss: torch.Tensor, preemption: PreemptionFlag | None) -> None:
+        loss_bad = not bool(torch.isfinite(loss).all())
+        self.flags = torch.tensor([float(loss_bad), float(preemption is not None and preemption.requested)])
+        self.work = dist.all_reduce(self.flags, async_op=True) if dist.is_initialized() else None
+
+    def verdict(self, grad_norm: torch.Tensor | None) -> Verdict:
+        """grad_norm None: the engine measures it inside its step; a non-finite gradient then shows
+        in the logged norm and in the next step's loss."""
+        if self.work is not None:
+            self.work.wait()
+        norm_bad = grad_norm is not None and not bool(torch.isfinite(grad_norm).all())
+        return Verdict(nonfinite=norm_bad or bool(self.flags[0] > 0), preempt=bool(self.flags[1] > 0))

@@ -19,7 +19,8 @@ from typing import Any
 HEARTBEAT_DIR = "heartbeats"
 INTERVAL_S = 1.0
 # Frames inside these files mean "waiting for other ranks", not "stuck in this rank's own code".
-COMMUNICATION_PATHS = ("torch/distributed/", "torch/nn/parallel/", "torch/autograd/", "torch/_tensor.py")
+COMMUNICATION_PATHS = ("torch/distributed/", "torch/nn/parallel/", "torch/autograd/", "torch/_tensor.py",
+                       "launcher/guards.py")  # the per-step agreement waits there
 
 
 class Heartbeat:

@@ -13,7 +13,8 @@ from typing import Any
 from launcher.deepspeed_config import deepspeed_config
 from launcher.errors import PlanError
 from launcher.memory import theory_bytes_per_param
-from launcher.spec.schema import JobSpec
+from launcher.spec.schema import JobSpec, ParallelSpec
+from strategies.layout import MeshLayout, stage_block_ranges
 
 ZERO_STAGES_AVAILABLE = (1, 2, 3)
 
@@ -33,6 +34,7 @@ class Plan:
     grad_accum_steps: int
     global_batch_size: int
     zero_stage: int | None = None
+    layout: MeshLayout | None = None  # set for the mesh strategy (tensor or pipeline degree > 1)
     deepspeed_config: dict[str, Any] | None = None  # the engine's config, when strategy is deepspeed
     model_state_theory: dict[str, float] = field(default_factory=dict)
     inferred: tuple[str, ...] = field(default=())
@@ -46,6 +48,10 @@ class Plan:
             f"global batch     {self.global_batch_size} = micro-batch {self.micro_batch_size}"
             f" x accumulation {self.grad_accum_steps} x data-parallel {self.dp_degree}",
         ]
+        if self.layout is not None and self.pp_degree > 1:
+            lay = self.layout
+            lines.append(f"pipeline         {lay.schedule}, {lay.num_stages} stages ({lay.stages_per_rank} per rank),"
+                         f" {lay.microbatches} pipeline micro-batches of {self.micro_batch_size // lay.microbatches}")
         if self.model_state_theory:
             t = self.model_state_theory
             lines.append(f"model state      {sum(t.values()):g} B/param (theory, fp32) = params {t['params']:g}"
@@ -62,9 +68,6 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     res, par = spec.resources, spec.parallel
     world = res.nodes * res.procs_per_node
 
-    for axis in ("tensor", "pipeline"):
-        if getattr(par, axis) != 1:
-            raise PlanError(f"parallel.{axis}={getattr(par, axis)}: {axis} parallelism is not available yet; allowed: 1")
     model_degree = par.tensor * par.pipeline
     if par.data == -1:
         if world % model_degree:
@@ -88,10 +91,22 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         inferred.append(f"strategy.name = {strategy} (auto, world size {world})")
     if strategy == "single" and world != 1:
         raise PlanError(f"strategy.name=single runs one process, but the world size is {world}; use ddp or auto")
+    layout = None
+    if model_degree > 1:
+        layout = _mesh_layout(spec, dp, inferred)
+        if strategy != "ddp":
+            raise PlanError(f"strategy.name={strategy} with parallel.tensor={par.tensor}, parallel.pipeline={par.pipeline}:"
+                            " not supported; use ddp or auto (data parallel inside the mesh)")
+        inferred.append(f"strategy = mesh (parallel.tensor {par.tensor} x parallel.pipeline {par.pipeline};"
+                        " data parallel by gradient all-reduce over the data axis)")
+        strategy = "mesh"
     stage = spec.strategy.stage
     if strategy == "zero" and stage not in ZERO_STAGES_AVAILABLE:
         raise PlanError(f"strategy.stage={stage}: ZeRO stage {stage} is not available yet; allowed: 1, 2, 3")
 
+    if strategy == "mesh" and (spec.compression.prune is not None or spec.compression.distill is not None):
+        raise PlanError("compression with parallel.tensor or parallel.pipeline > 1 is not supported yet;"
+                        " use data parallel (ddp or zero)")
     ds_config = _deepspeed_plan(spec, dp) if strategy == "deepspeed" else None
 
     if spec.compression.prune is not None and strategy == "zero" and stage in (2, 3):
@@ -116,8 +131,9 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         world_size=world, nodes=res.nodes, procs_per_node=res.procs_per_node,
         dp_degree=dp, tp_degree=par.tensor, pp_degree=par.pipeline, strategy=strategy,
         device=device, backend=backend, micro_batch_size=micro, grad_accum_steps=accum,
-        global_batch_size=micro * accum * dp, zero_stage=stage, deepspeed_config=ds_config,
-        model_state_theory=theory_bytes_per_param(strategy, stage, dp, spec.optimizer), inferred=tuple(inferred),
+        global_batch_size=micro * accum * dp, zero_stage=stage, layout=layout, deepspeed_config=ds_config,
+        model_state_theory={} if strategy == "mesh" else theory_bytes_per_param(strategy, stage, dp, spec.optimizer),
+        inferred=tuple(inferred),
     )
 
 
@@ -136,3 +152,67 @@ def _deepspeed_plan(spec: JobSpec, dp: int) -> dict[str, Any]:
         raise PlanError("checkpoint.async_save with strategy deepspeed: the engine writes its own checkpoints"
                         " synchronously; set it to false")
     return deepspeed_config(spec, dp)
+
+
+
+def _mesh_layout(spec: JobSpec, dp: int, inferred: list[str]) -> MeshLayout:
+    """The mesh and pipeline settings, with the rules torch's schedules enforce checked up front."""
+    par: ParallelSpec = spec.parallel
+    micro = spec.data.micro_batch_size
+    microbatches = par.microbatches or par.pipeline
+    if par.pipeline == 1:
+        if par.microbatches is not None or par.split_points or par.stages_per_rank > 1:
+            inferred.append("parallel.microbatches/stages_per_rank/split_points ignored (parallel.pipeline = 1)")
+        microbatches = 1
+    else:
+        if par.microbatches is None:
+            inferred.append(f"parallel.microbatches = {microbatches} (null: the pipeline degree)")
+        if micro % microbatches:
+            raise PlanError(f"parallel.microbatches={microbatches} does not divide data.micro_batch_size={micro};"
+                            " each micro-batch is split into that many equal pipeline micro-batches")
+        if par.schedule == "1f1b" and microbatches < par.pipeline:
+            raise PlanError(f"parallel.microbatches={microbatches}: schedule 1f1b needs at least parallel.pipeline"
+                            f"={par.pipeline} pipeline micro-batches")
+        if par.schedule == "interleaved_1f1b" and microbatches % par.pipeline:
+            raise PlanError(f"parallel.microbatches={microbatches}: schedule interleaved_1f1b needs a multiple of"
+                            f" parallel.pipeline={par.pipeline}")
+    return MeshLayout(dp_degree=dp, tp_degree=par.tensor, pp_degree=par.pipeline, schedule=par.schedule,
+                      microbatches=microbatches, stages_per_rank=par.stages_per_rank if par.pipeline > 1 else 1,
+                      split_points=tuple(par.split_points) if par.pipeline > 1 else (), tp_plan=par.tp_plan)
+
+
+def check_model_layout(spec: JobSpec, plan: Plan) -> None:
+    """Checks that need the model (built on the meta device: no memory, no init): enough blocks for
+    the pipeline stages, a tensor-parallel plan, attention heads divisible by the tensor degree."""
+    layout = plan.layout
+    if layout is None:
+        return
+    import torch
+
+    from launcher.components import model_factory
+
+    with torch.device("meta"):
+        model = model_factory(spec.model)()
+    if layout.pp_degree > 1:
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            raise PlanError(f"parallel.pipeline={layout.pp_degree}: the model ({spec.model.target}) keeps no"
+                            " repeated layers in `self.blocks` (an nn.ModuleList), which pipeline stages split")
+        try:
+            stage_block_ranges(len(blocks), layout.num_stages, layout.split_points)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+    if layout.tp_degree > 1:
+        if layout.tp_plan is None and not getattr(model, "tp_plan", None):
+            raise PlanError(f"parallel.tensor={layout.tp_degree}: the model ({spec.model.target}) declares no"
+                            " tp_plan; give parallel.tp_plan (module path -> colwise|rowwise)")
+        from strategies.tensor_parallel import resolve_tp_plan, tp_targets
+
+        targets = tp_targets(model, resolve_tp_plan(model, layout.tp_plan))
+        if not any(isinstance(model.get_submodule(name), torch.nn.Linear) for name in targets):
+            raise PlanError(f"parallel.tensor={layout.tp_degree}: the tensor-parallel plan matches no nn.Linear of"
+                            f" the model ({spec.model.target}); plan patterns are module paths such as blocks.*.fc1")
+        heads = getattr(model, "n_heads", None)
+        if heads is not None and heads % layout.tp_degree:
+            raise PlanError(f"parallel.tensor={layout.tp_degree} does not divide the model's {heads} attention"
+                            f" heads ({spec.model.target}); use a divisor of {heads}")

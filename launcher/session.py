@@ -8,7 +8,7 @@ from pathlib import Path
 
 from launcher.errors import UserError
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
-from launcher.plan import Plan, make_plan
+from launcher.plan import Plan, check_model_layout, make_plan
 from launcher.spec import JobSpec, load_spec
 
 SPEC_FILE = "spec.json"
@@ -89,6 +89,7 @@ def prepare(spec_file: str, overrides: list[str]) -> Session:
     from launcher.components import check_targets
 
     check_targets(spec)
+    check_model_layout(spec, plan)
     return Session(spec, plan)
 
 

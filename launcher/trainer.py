@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from launcher.checkpoint import Checkpointer, find_latest
 from launcher.components import build_datasets, build_loss, correct_predictions, model_factory
 from launcher.compression.hooks import Compression
-from launcher.guards import NonFiniteError, PreemptionFlag, check_step
+from launcher.guards import NonFiniteError, PreemptionFlag, StepAgreement
 from launcher.heartbeat import Heartbeat
 from launcher.memory import model_state_bytes, peak_rss_bytes
 from launcher.metrics import MetricsLogger, read_metrics
@@ -56,7 +56,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
            heartbeat: Heartbeat, started: float, clock: StartupClock) -> dict[str, Any]:
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
-    strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage, plan.deepspeed_config)
+    strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage, plan.deepspeed_config,
+                              plan.layout)
     task_loss = build_loss(spec.loss)
     compression = Compression(spec.compression, device)
     strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
@@ -101,12 +102,13 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         tick = time.perf_counter()
         window = compression.prepare_window([next(batches) for _ in range(training.grad_accum_steps)])
         loss = strategy.forward_backward(window)
+        agreement = StepAgreement(loss, preemption)  # in flight while we regularize and clip
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)  # None: the engine clips in its step
         lr = scheduler.get_last_lr()[0]
         # Measured before the step zeroes the gradients, and only when logged: it walks every tensor.
         memory = _memory(strategy) if log_due else {}
-        verdict = check_step(strategy, loss, grad_norm, preemption)
+        verdict = agreement.verdict(grad_norm)
         if verdict.nonfinite:
             if training.on_nonfinite == "stop":
                 raise NonFiniteError(f"step {step}: the loss or gradient norm is not finite "
@@ -166,7 +168,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
 
 
 def _memory(strategy: Strategy) -> dict[str, int]:
-    parameters = [p for part in strategy.model_parts for p in part.parameters()]
+    # Pipeline stages on one rank may share modules: count each parameter once.
+    parameters = list({id(p): p for part in strategy.model_parts for p in part.parameters()}.values())
     state = model_state_bytes(parameters, strategy.local_optimizer_state)
     return {f"mem_{part}_bytes": size for part, size in state.items()}
 

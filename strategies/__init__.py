@@ -6,10 +6,11 @@ from typing import Any
 import torch
 
 from strategies.base import Strategy
+from strategies.layout import MeshLayout
 
 
 def build_strategy(name: str, device: torch.device, precision: str, stage: int | None = None,
-                   deepspeed_config: dict[str, Any] | None = None) -> Strategy:
+                   deepspeed_config: dict[str, Any] | None = None, layout: MeshLayout | None = None) -> Strategy:
     if name == "single":
         from strategies.single import SingleProcessStrategy
 
@@ -26,6 +27,10 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
         from strategies.fsdp import FSDPStrategy
 
         return FSDPStrategy(device, precision, stage or 3)
+    if name == "mesh" and layout is not None:
+        from strategies.mesh import MeshStrategy
+
+        return MeshStrategy(device, precision, layout)
     if name == "deepspeed" and deepspeed_config is not None:
         from strategies.deepspeed_engine import DeepSpeedStrategy
 

@@ -35,7 +35,7 @@ class Strategy(Protocol):
     dp_size: int
     is_logging_rank: bool
     optimizer: torch.optim.Optimizer
-    model_parts: list[nn.Module]  # the unwrapped model (one part; pipeline stages later)
+    model_parts: list[nn.Module]  # the unwrapped model: one part, or this rank's pipeline stages
     local_optimizer_state: dict[Any, dict[str, Any]]  # the state this rank stores (for memory accounting)
     native_checkpoint: NativeCheckpoint | None  # None: checkpoints are DCP over state_dict()
 

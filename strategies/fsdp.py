@@ -23,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 
 from strategies.base import LossFn, ModelFactory, OptimizerFactory
 from strategies.data_parallel import DataParallelStrategy
+from strategies.meta_init import init_module_by_module
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, reshard_after_forward: bool) -> nn.Module:
@@ -43,23 +44,13 @@ def dim0_chunk(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
 
 def local_initial_state(model: nn.Module, rank: int, world_size: int) -> dict[str, torch.Tensor]:
     """This rank's dim-0 chunk of every parameter (and every buffer, whole), initialized one module
-    at a time (see the module docstring)."""
+    at a time (see strategies/meta_init.py)."""
     state: dict[str, torch.Tensor] = {}
-    for prefix, module in model.named_modules():
-        params = list(module.named_parameters(recurse=False))
-        buffers = list(module.named_buffers(recurse=False))
-        if not params and not buffers:
-            continue
-        if not hasattr(module, "reset_parameters"):
-            raise TypeError(f"{type(module).__name__} ({prefix or 'root'}) holds tensors but has no reset_parameters();"
-                            " ZeRO builds on the meta device and needs it to initialize them")
-        module.to_empty(device="cpu", recurse=False)
-        module.reset_parameters()
+    for prefix, module in init_module_by_module(model):
         for name, param in module.named_parameters(recurse=False):
             state[f"{prefix}.{name}" if prefix else name] = dim0_chunk(param.detach(), rank, world_size)
         for name, buffer in module.named_buffers(recurse=False):
             state[f"{prefix}.{name}" if prefix else name] = buffer.detach().clone()
-        module.to_empty(device="meta", recurse=False)
     return state
 
 

@@ -18,7 +18,7 @@ from launcher.spec.schema import JobSpec
 
 PATTERN_HINTS = {
     "target": 'expected an import path "module:callable", e.g. launcher.models:mlp',
-    "loss": 'expected mse, cross_entropy or an import path "module:callable"',
+    "loss": 'expected mse, cross_entropy, token_cross_entropy or an import path "module:callable"',
     "name": 'expected letters, digits, ".", "_" or "-" (it names the run directory)',
 }
 

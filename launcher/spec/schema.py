@@ -113,9 +113,21 @@ class StrategySpec(Section):
 
 
 class ParallelSpec(Section):
+    """The device mesh: data x tensor x pipeline degrees, and how the pipeline is scheduled."""
+
     data: int = Field(default=-1, description="data-parallel degree; -1 = the rest of the world")
-    tensor: int = Field(default=1, gt=0)
-    pipeline: int = Field(default=1, gt=0)
+    tensor: int = Field(default=1, gt=0, description="tensor-parallel degree (DTensor, within each stage)")
+    pipeline: int = Field(default=1, gt=0, description="pipeline-parallel degree (ranks per pipeline)")
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field(
+        default="1f1b", description="pipeline schedule (torch.distributed.pipelining)")
+    microbatches: int | None = Field(
+        default=None, gt=0, description="pipeline micro-batches per micro-batch; null = the pipeline degree")
+    stages_per_rank: int = Field(default=1, gt=0, description="pipeline stages per rank (>1 needs interleaved_1f1b)")
+    split_points: list[str] = Field(
+        default_factory=list,
+        description='module paths where a new stage begins, e.g. ["blocks.2"]; empty = even split of model.blocks')
+    tp_plan: dict[str, Literal["colwise", "rowwise"]] | None = Field(
+        default=None, description="module path (fnmatch, e.g. blocks.*.fc1) -> colwise|rowwise; null = the model's tp_plan")
 
     @field_validator("data")
     @classmethod
@@ -123,6 +135,12 @@ class ParallelSpec(Section):
         if data == 0 or data < -1:
             raise ValueError("must be -1 (the rest of the world) or a positive integer")
         return data
+
+    @model_validator(mode="after")
+    def _interleaving_needs_its_schedule(self) -> "ParallelSpec":
+        if self.stages_per_rank > 1 and self.schedule != "interleaved_1f1b":
+            raise ValueError(f"stages_per_rank={self.stages_per_rank} needs schedule: interleaved_1f1b")
+        return self
 
 
 class ResourcesSpec(Section):
@@ -212,8 +230,8 @@ class JobSpec(Section):
     model: ComponentSpec
     data: DataSpec
     loss: str = Field(
-        default="mse", pattern=r"^(mse|cross_entropy|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$",
-        description='mse, cross_entropy, or "module:callable" taking (output, target)',
+        default="mse", pattern=r"^(mse|cross_entropy|token_cross_entropy|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$",
+        description='mse, cross_entropy, token_cross_entropy (LM logits [B, T, V] vs ids [B, T]), or "module:callable" taking (output, target)',
     )
     optimizer: OptimizerSpec
     schedule: ScheduleSpec = ScheduleSpec()

@@ -9,6 +9,8 @@ import pytest
 from launcher.cli import main
 from tests.helpers import make_spec, meshyard
 
+PIPELINE_MLP = {"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "hidden": 16, "out_dim": 1, "depth": 4}}
+
 # (case id, spec sections to merge or a raw file body, extra argv, text the one line must contain)
 CASES = [
     ("unknown top-level key", {"epochs": 3}, [], "epochs: unknown key; allowed here: name, seed, model"),
@@ -25,7 +27,18 @@ CASES = [
     ("missing attribute", {"data": {"target": "launcher.data:no_such_dataset"}}, [], "data.target: module 'launcher.data' has no attribute 'no_such_dataset'"),
     ("unimportable loss", {"loss": "no_such_pkg:loss"}, [], "loss: cannot import module 'no_such_pkg'"),
     ("mesh does not factor", {"parallel": {"data": 3}, "resources": {"procs_per_node": 2}}, [], "parallel: data 3 x tensor 1 x pipeline 1 = 3 does not equal the world size 2"),
-    ("tensor parallel not yet", {"parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: tensor parallelism is not available yet; allowed: 1"),
+    ("mesh degrees vs world", {"parallel": {"data": 2, "tensor": 2, "pipeline": 2}, "resources": {"procs_per_node": 4}}, [], "parallel: data 2 x tensor 2 x pipeline 2 = 8 does not equal the world size 4"),
+    ("model degrees vs world", {"parallel": {"tensor": 3}, "resources": {"procs_per_node": 4}}, [], "parallel: tensor 3 x pipeline 1 does not divide the world size 4"),
+    ("microbatches vs micro-batch", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "microbatches": 5}, "resources": {"procs_per_node": 2}}, [], "parallel.microbatches=5 does not divide data.micro_batch_size=24"),
+    ("more stages than blocks", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "schedule": "interleaved_1f1b", "stages_per_rank": 3, "microbatches": 4}, "resources": {"procs_per_node": 2}}, [], "parallel: pipeline x stages_per_rank = 6 stages, but the model has only 4 blocks"),
+    ("tp does not divide heads", {"model": {"target": "launcher.models:transformer", "kwargs": {"dim": 48, "n_heads": 3}}, "parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2 does not divide the model's 3 attention heads"),
+    ("tp without a plan", {"parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: the model (launcher.models:mlp) declares no tp_plan; give parallel.tp_plan"),
+    ("tp plan matching nothing", {"parallel": {"tensor": 2, "tp_plan": {"layers.*.fc": "colwise"}}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: the tensor-parallel plan matches no nn.Linear of the model (launcher.models:mlp)"),
+    ("1f1b with too few microbatches", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "microbatches": 1}, "resources": {"procs_per_node": 2}}, [], "parallel.microbatches=1: schedule 1f1b needs at least parallel.pipeline=2"),
+    ("split points vs stages", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "split_points": ["blocks.1", "blocks.2"]}, "resources": {"procs_per_node": 2}}, [], "parallel.split_points: 2 split points make 3 stages, but pipeline x stages_per_rank = 2"),
+    ("interleaving without its schedule", {"parallel": {"stages_per_rank": 2}}, [], "parallel: stages_per_rank=2 needs schedule: interleaved_1f1b"),
+    ("deepspeed with tensor parallel", {"model": {"target": "launcher.models:transformer"}, "strategy": {"name": "deepspeed", "stage": 1}, "parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [], "strategy.name=deepspeed with parallel.tensor=2, parallel.pipeline=1: not supported; use ddp or auto"),
+    ("zero with a pipeline", {"model": PIPELINE_MLP, "strategy": {"name": "zero", "stage": 1}, "parallel": {"pipeline": 2}, "resources": {"procs_per_node": 2}}, [], "strategy.name=zero with parallel.tensor=1, parallel.pipeline=2: not supported; use ddp or auto"),
     ("single with 2 procs", {"strategy": {"name": "single"}, "resources": {"procs_per_node": 2}}, [], "strategy.name=single runs one process, but the world size is 2"),
     ("zero data degree", {"parallel": {"data": 0}}, [], "parallel.data: must be -1 (the rest of the world) or a positive integer"),
     ("nesterov without momentum", {"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": True}}, [], "optimizer: nesterov: only for name sgd with momentum > 0"),

@@ -1,0 +1,64 @@
+"""The device-mesh layout a job asks for, and where its pipeline stages cut the model.
+
+Pure arithmetic, no process group: the plan uses it to refuse impossible layouts before any
+process starts, and the mesh strategy uses the same functions to split the model.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+BLOCK_PATH = re.compile(r"^blocks\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class MeshLayout:
+    dp_degree: int
+    tp_degree: int = 1
+    pp_degree: int = 1
+    schedule: str = "1f1b"
+    microbatches: int = 1
+    stages_per_rank: int = 1
+    split_points: tuple[str, ...] = ()
+    tp_plan: dict[str, str] | None = field(default=None, hash=False)
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp_degree * self.stages_per_rank
+
+    def stage_indices(self, pp_rank: int) -> list[int]:
+        """Loop placement (what torch's interleaved schedules expect): rank r holds r, r+p, r+2p, ..."""
+        return [pp_rank + k * self.pp_degree for k in range(self.stages_per_rank)]
+
+
+def stage_block_ranges(num_blocks: int, num_stages: int, split_points: tuple[str, ...] = ()) -> list[range]:
+    """The `model.blocks` indices of each stage; ValueError (naming the setting) when impossible.
+
+    With no split points the blocks are split evenly, the first stages taking one extra block
+    when the division is not exact.
+    """
+    if split_points:
+        starts = []
+        for path in split_points:
+            match = BLOCK_PATH.match(path)
+            if match is None:
+                raise ValueError(f"parallel.split_points: {path!r} is not a block path; expected blocks.<index>")
+            starts.append(int(match.group(1)))
+        if starts != sorted(set(starts)) or starts[0] <= 0 or starts[-1] >= num_blocks:
+            raise ValueError(f"parallel.split_points: {list(split_points)} must be increasing block paths between"
+                             f" blocks.1 and blocks.{num_blocks - 1} (the model has {num_blocks} blocks)")
+        if len(starts) + 1 != num_stages:
+            raise ValueError(f"parallel.split_points: {len(starts)} split points make {len(starts) + 1} stages, but"
+                             f" pipeline x stages_per_rank = {num_stages}; give {num_stages - 1} split points")
+        bounds = [0, *starts, num_blocks]
+        return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    if num_stages > num_blocks:
+        raise ValueError(f"parallel: pipeline x stages_per_rank = {num_stages} stages, but the model has only"
+                         f" {num_blocks} blocks (model.blocks); lower parallel.pipeline or parallel.stages_per_rank")
+    size, extra = divmod(num_blocks, num_stages)
+    ranges, start = [], 0
+    for stage in range(num_stages):
+        end = start + size + (1 if stage < extra else 0)
+        ranges.append(range(start, end))
+        start = end
+    return ranges
