@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from strategies.base import NativeCheckpoint, Strategy
 
@@ -30,6 +29,14 @@ PARTIAL_PREFIX = ".partial-"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 DCP_FORMAT = "dcp"
+
+
+def _dcp() -> Any:
+    """torch.distributed.checkpoint, imported at the first save or load: with DTensor it costs ~1 s
+    per rank, which would otherwise sit between a launch and its first step."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
 
 
 def step_dir_name(step: int) -> str:
@@ -65,7 +72,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Mod
         return model
     state = {"model": model.state_dict()}
     with _single_process_ok():
-        dcp.load(state, checkpoint_id=checkpoint)
+        _dcp().load(state, checkpoint_id=checkpoint)
     model.load_state_dict(state["model"])
     return model
 
@@ -80,18 +87,18 @@ class DCPShards:
 
     def save(self, path: Path) -> None:
         with _single_process_ok():
-            dcp.save(self.strategy.state_dict(), checkpoint_id=path)
+            _dcp().save(self.strategy.state_dict(), checkpoint_id=path)
 
     def save_async(self, path: Path) -> Any:
         """Stage the state in memory and write it in the background; returns a future."""
         with _single_process_ok():
-            return dcp.async_save(self.strategy.state_dict(), checkpoint_id=path, process_group=self.async_group,
+            return _dcp().async_save(self.strategy.state_dict(), checkpoint_id=path, process_group=self.async_group,
                                   no_dist=not dist.is_initialized())
 
     def load(self, path: Path) -> None:
         state = self.strategy.state_dict()
         with _single_process_ok():
-            dcp.load(state, checkpoint_id=path)
+            _dcp().load(state, checkpoint_id=path)
         self.strategy.load_state_dict(state)
 
 
