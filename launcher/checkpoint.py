@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from strategies.base import NativeCheckpoint, Strategy
 
@@ -29,14 +30,6 @@ PARTIAL_PREFIX = ".partial-"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 DCP_FORMAT = "dcp"
-
-
-def _dcp() -> Any:
-    """torch.distributed.checkpoint, imported at the first save or load: with DTensor it costs ~1 s
-    per rank, which would otherwise sit between a launch and its first step."""
-    import torch.distributed.checkpoint as dcp
-
-    return dcp
 
 
 def step_dir_name(step: int) -> str:
@@ -72,7 +65,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Mod
         return model
     state = {"model": model.state_dict()}
     with _single_process_ok():
-        _dcp().load(state, checkpoint_id=checkpoint)
+        dcp.load(state, checkpoint_id=checkpoint)
     model.load_state_dict(state["model"])
     return model
 
@@ -87,18 +80,18 @@ class DCPShards:
 
     def save(self, path: Path) -> None:
         with _single_process_ok():
-            _dcp().save(self.strategy.state_dict(), checkpoint_id=path)
+            dcp.save(self.strategy.state_dict(), checkpoint_id=path)
 
     def save_async(self, path: Path) -> Any:
         """Stage the state in memory and write it in the background; returns a future."""
         with _single_process_ok():
-            return _dcp().async_save(self.strategy.state_dict(), checkpoint_id=path, process_group=self.async_group,
+            return dcp.async_save(self.strategy.state_dict(), checkpoint_id=path, process_group=self.async_group,
                                   no_dist=not dist.is_initialized())
 
     def load(self, path: Path) -> None:
         state = self.strategy.state_dict()
         with _single_process_ok():
-            _dcp().load(state, checkpoint_id=path)
+            dcp.load(state, checkpoint_id=path)
         self.strategy.load_state_dict(state)
 
 
