@@ -71,7 +71,9 @@ def measure(label: str, workdir: Path, rep: int) -> dict[str, float]:
         spec.write_text(yaml.safe_dump({**SPEC, "name": f"{slug}-{rep}", "output": {"dir": str(workdir)}}))
         argv = [*argv[:2], str(spec), *argv[2:]]
     env["MESHYARD_LAUNCHED_AT" if label.startswith("meshyard") else "BARE_LAUNCHED_AT"] = repr(time.time())
-    subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True)
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{label} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     if label.startswith("meshyard"):
         return json.loads((workdir / f"{slug}-{rep}" / "summary.json").read_text())["startup_s"]
     return json.loads(Path(env["BARE_RESULT"]).read_text())
