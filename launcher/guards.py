@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,23 +42,48 @@ class Verdict:
 
 
 class StepAgreement:
-    """Every rank's vote on this step, collected by one all-reduce over the whole world.
+    """Every rank takes the same branch at every step, without a round trip on the hot path.
 
-    Started right after the backward and read before the optimizer step, so the all-reduce runs on
-    gloo's thread while the main thread regularizes and clips: the agreement costs no round trip of
-    its own. The gradient norm needs no vote: every strategy reports the global norm, identical on
-    every rank.
+    - Non-finite: judged from the gradient norm, which every strategy reports as the global norm,
+      identical on every rank (a NaN/Inf loss makes its gradients NaN/Inf). Where the engine measures
+      the norm only inside its own step (DeepSpeed ZeRO >= 1), the ranks vote on the loss instead,
+      with a blocking all-reduce.
+    - Preemption: each step's vote is an async all-reduce over the whole world, started at this step
+      and read at the next, so it overlaps a whole step of compute; a SIGTERM is acted on one step
+      later than it arrived.
     """
 
-    def __init__(self, loss: torch.Tensor, preemption: PreemptionFlag | None) -> None:
-        loss_bad = not bool(torch.isfinite(loss).all())
-        self.flags = torch.tensor([float(loss_bad), float(preemption is not None and preemption.requested)])
-        self.work = dist.all_reduce(self.flags, async_op=True) if dist.is_initialized() else None
+    def __init__(self, preemption: PreemptionFlag | None) -> None:
+        self.preemption = preemption
+        self._pending: tuple[Any, torch.Tensor] | None = None
 
-    def verdict(self, grad_norm: torch.Tensor | None) -> Verdict:
-        """grad_norm None: the engine measures it inside its step; a non-finite gradient then shows
-        in the logged norm and in the next step's loss."""
-        if self.work is not None:
-            self.work.wait()
-        norm_bad = grad_norm is not None and not bool(torch.isfinite(grad_norm).all())
-        return Verdict(nonfinite=norm_bad or bool(self.flags[0] > 0), preempt=bool(self.flags[1] > 0))
+    def verdict(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Verdict:
+        preempt = self._collect()
+        requested = self.preemption is not None and self.preemption.requested
+        flag = torch.tensor([float(requested)])
+        self._pending = (dist.all_reduce(flag, async_op=True) if dist.is_initialized() else None, flag)
+        if grad_norm is not None:
+            nonfinite = not bool(torch.isfinite(grad_norm).all())
+        else:
+            nonfinite = _any_rank(not bool(torch.isfinite(loss).all()))
+        return Verdict(nonfinite=nonfinite, preempt=preempt)
+
+    def finish(self) -> None:
+        """Complete the last vote in flight (every rank started it) before the loop ends."""
+        self._collect()
+
+    def _collect(self) -> bool:
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        return bool(flag[0] > 0)
+
+
+def _any_rank(local: bool) -> bool:
+    flag = torch.tensor([float(local)])
+    if dist.is_initialized():
+        dist.all_reduce(flag)
+    return bool(flag[0] > 0)

@@ -92,6 +92,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         return _evaluate(strategy, eval_set, spec.data.micro_batch_size, task_loss)
 
     record: dict[str, Any] = {}
+    agreement = StepAgreement(preemption)
     elapsed, timed_steps, step, preempted = 0.0, 0, start_step, False
     for step in range(start_step + 1, end_step + 1):
         heartbeat.update(step - 1, "step")
@@ -102,13 +103,12 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         tick = time.perf_counter()
         window = compression.prepare_window([next(batches) for _ in range(training.grad_accum_steps)])
         loss = strategy.forward_backward(window)
-        agreement = StepAgreement(loss, preemption)  # in flight while we regularize and clip
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)  # None: the engine clips in its step
         lr = scheduler.get_last_lr()[0]
         # Measured before the step zeroes the gradients, and only when logged: it walks every tensor.
         memory = _memory(strategy) if log_due else {}
-        verdict = agreement.verdict(grad_norm)
+        verdict = agreement.verdict(loss, grad_norm)
         if verdict.nonfinite:
             if training.on_nonfinite == "stop":
                 raise NonFiniteError(f"step {step}: the loss or gradient norm is not finite "
@@ -144,6 +144,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             preempted = True
             break
     heartbeat.update(step, "finishing")
+    agreement.finish()
     checkpointer.wait()
     logger.close()
     if not record and strategy.is_logging_rank:  # resumed at the end: nothing left to train
