@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from strategies.base import Batch, LossFn, ModelFactory, OptimizerFactory
 from strategies.grads import add_l1_l2_, clip_grad_norm_
@@ -81,10 +80,14 @@ class SingleProcessStrategy:
         return value
 
     def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict  # at the first save (see launcher/checkpoint.py)
+
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def _loss(self, batch: Batch) -> torch.Tensor:
