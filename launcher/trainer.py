@@ -165,6 +165,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             logger.say(line)
         if preempted:
             (run_dir / PREEMPTED_FILE).write_text(json.dumps({"step": step, "checkpoint": summary["checkpoint"]}))
+    strategy.close()
     return summary
 
 

@@ -78,3 +78,6 @@ class Strategy(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of state_dict()."""
+
+    def close(self) -> None:
+        """Release what the strategy's engine holds, while the process group still exists."""

@@ -90,6 +90,9 @@ class SingleProcessStrategy:
 
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
+    def close(self) -> None:
+        pass  # plain torch objects: nothing outlives the process group
+
     def _loss(self, batch: Batch) -> torch.Tensor:
         inputs, targets = to_device(batch, self.device)
         return self.loss_fn(self._forward(inputs).float(), targets)
