@@ -102,14 +102,6 @@ class DeepSpeedStrategy(DataParallelStrategy):
     def discard_grads(self) -> None:
         raise RuntimeError("DeepSpeed cannot drop an accumulated window")  # the plan refuses on_nonfinite=skip
 
-    @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor) -> torch.Tensor:
-        self.engine.eval()
-        try:
-            return self._forward(inputs.to(self.device)).float()
-        finally:
-            self.engine.train()
-
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError("DeepSpeed checkpoints are the engine's own (see native_checkpoint)")
 
@@ -184,14 +176,15 @@ class DeepSpeedCheckpoint:
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """fp32 model weights from one of our DeepSpeed checkpoints, without a process group.
 
-    DeepSpeed's checkpoint files are pickles that only DeepSpeed's own readers (weights_only=False)
-    can open: load checkpoints you wrote yourself.
+    Stage 0 is read here with weights_only=True. From ZeRO-1 on the fp32 weights are in the optimizer
+    files, which hold DeepSpeed classes and are read by DeepSpeed's own zero_to_fp32 with
+    weights_only=False: load such checkpoints only if you wrote them.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     engine_dir = path / CHECKPOINT_TAG
     if any(engine_dir.glob("*optim_states.pt")):  # ZeRO >= 1
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)
-    model_states = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    model_states = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {key: value.float() for key, value in model_states["module"].items()}
 
