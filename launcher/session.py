@@ -75,9 +75,14 @@ class Session:
         return None
 
     def write_spec(self) -> None:
-        """The resolved spec every rank reads; written atomically so no rank sees half a file."""
+        """The resolved spec every rank reads; written atomically so no rank sees half a file.
+
+        The temporary name is this launcher's own: the launchers of a multi-node job share the run
+        directory and write the same spec at the same moment (a shared name lost one launcher's file
+        to the other's rename, and its node never joined the rendezvous).
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.spec_path.with_suffix(".json.tmp")
+        tmp = self.spec_path.with_name(f"{SPEC_FILE}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.spec.model_dump(mode="json", by_alias=True), indent=1))
         os.replace(tmp, self.spec_path)
 

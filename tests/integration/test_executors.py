@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -99,12 +100,24 @@ def test_two_launchers_form_one_two_node_job(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [start_launch(spec, args=("--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint))
              for r in (0, 1)]
-    results = [node.communicate(timeout=180) for node in nodes]
+    results = finish_all(nodes, timeout=180)
     for node, (out, err) in zip(nodes, results):
-        assert node.returncode == 0, (out[-2000:], err[-2000:])
+        assert node.returncode == 0, results
     run = run_dir(spec)
     assert summary(run)["world_size"] == 4 and summary(run)["steps"] == 4
     assert summary(run)["global_batch_size"] == 4 * 2 * 4
+
+
+def finish_all(procs: list[subprocess.Popen[str]], timeout: float) -> list[tuple[str, str]]:
+    """Every process's (stdout tail, stderr tail); all are killed if any is still running at the deadline,
+    so a node that waits for a crashed peer shows the peer's error instead of only its own timeout."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    return [tuple(text[-2000:] for text in p.communicate()) for p in procs]
 
 
 def test_a_launcher_that_silently_starts_one_process_is_refused(tmp_path):

@@ -1,6 +1,8 @@
 """Executors' pure dry runs, cluster configs and rendered artifacts (golden files); nothing starts."""
 from __future__ import annotations
 
+import json
+import multiprocessing
 import sys
 
 import pytest
@@ -69,6 +71,25 @@ def test_multi_node_local_dry_run_uses_c10d(tmp_path, capsys):
     assert "--nnodes=2 --node-rank=1 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=test" in out
     assert main(["plan", str(spec), "--nnodes", "2"]) == 2
     assert "needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err
+
+
+def test_launchers_of_one_multi_node_job_write_the_shared_spec_at_once(tmp_path):
+    """Every node's launcher writes <run>/spec.json into the shared run directory at the same moment."""
+    session = prepare(str(make_spec(tmp_path, resources={"procs_per_node": 2})), [])
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_spec_repeatedly, args=(session,)) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=60)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert json.loads(session.spec_path.read_text())["name"] == "test"
+    assert [p.name for p in session.run_dir.iterdir()] == ["spec.json"]
+
+
+def _write_spec_repeatedly(session) -> None:
+    for _ in range(300):
+        session.write_spec()
 
 
 @pytest.mark.parametrize("config, executor", [("local", "local"), ("ray-local", "ray"), ("accelerate", "accelerate"),
