@@ -59,7 +59,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Mod
     """Fill a plain module with a checkpoint's (possibly sharded) model weights; any world size,
     with or without a process group."""
     if checkpoint_format(checkpoint) == "deepspeed":
-        from strategies.deepspeed_engine import consolidated_state_dict
+        from strategies.deepspeed_checkpoint import consolidated_state_dict
 
         model.load_state_dict(consolidated_state_dict(checkpoint))
         return model

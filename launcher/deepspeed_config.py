@@ -15,12 +15,14 @@ from typing import Any
 from launcher.errors import PlanError
 from launcher.spec.schema import JobSpec
 
-# Sections DeepSpeed would build itself, replacing the spec's optimizer, schedule or precision.
+# Sections DeepSpeed would build itself, replacing the spec's optimizer, schedule or precision, or
+# its checkpoint engine (meshyard writes the engine's checkpoints and reads them with weights_only=True).
 OWNED_BY_SPEC = {
     "optimizer": "optimizer",
     "scheduler": "schedule",
     "fp16": "training.precision",
     "amp": "training.precision",
+    "checkpoint": "checkpoint",
 }
 # Where each value we write comes from, for error messages.
 SOURCES = {

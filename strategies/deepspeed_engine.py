@@ -11,25 +11,22 @@ What differs from the torch-native strategies, and why it stays inside this file
 - The engine clips inside its step (`gradient_clipping` in its config), so from ZeRO-1 on the
   gradient norm is known only after `optimizer_step()`, which returns it.
 - Checkpoints are DeepSpeed's own (`engine.save_checkpoint`), written into the directory the
-  loop's Checkpointer publishes; `consolidated_state_dict` turns one back into a plain state dict.
+  loop's Checkpointer publishes and read back with weights_only=True (strategies/deepspeed_checkpoint.py).
 """
 from __future__ import annotations
 
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from strategies.base import Batch, LossFn, ModelFactory, OptimizerFactory
 from strategies.data_parallel import DataParallelStrategy
+from strategies.deepspeed_checkpoint import DeepSpeedCheckpoint, weights_only_checkpoint_engine
 from strategies.grads import add_l1_l2_to_pairs_, clip_grad_norm_
 from strategies.single import to_device
-
-CHECKPOINT_TAG = "deepspeed"  # the engine's sub-directory inside one of our step directories
-
 
 def skip_shared_memory_comm_build() -> None:
     """Don't JIT-compile DeepSpeed's shared-memory all-reduce op on CPU.
@@ -65,6 +62,7 @@ class DeepSpeedStrategy(DataParallelStrategy):
         optimizer = build_optimizer(self.module.parameters())
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.config,
                                                     dist_init_required=False)
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine()  # DeepSpeed's own loads pickles unchecked
         self.model = self.engine
         # The loop's LR schedule drives the torch optimizer; the engine's ZeRO optimizer shares its param groups.
         self.optimizer = optimizer
@@ -153,38 +151,3 @@ class DeepSpeedStrategy(DataParallelStrategy):
             real = max(0, min(grad.numel(), param.ds_numel - start))
             yield safe_get_local_fp32_param(param).view(-1)[:real], grad.view(-1)[:real]
             safe_set_local_grad(param, grad)
-
-
-class DeepSpeedCheckpoint:
-    """The engine's own checkpoint inside one of the loop's step directories (format `deepspeed`)."""
-
-    format = CHECKPOINT_TAG
-
-    def __init__(self, strategy: DeepSpeedStrategy) -> None:
-        self.strategy = strategy
-
-    def save(self, path: Path) -> None:
-        self.strategy.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
-
-    def load(self, path: Path) -> None:
-        loaded, _ = self.strategy.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=False)
-        if loaded is None:
-            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint under {CHECKPOINT_TAG}/")
-
-
-def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """fp32 model weights from one of our DeepSpeed checkpoints, without a process group.
-
-    Stage 0 is read here with weights_only=True. From ZeRO-1 on the fp32 weights are in the optimizer
-    files, which hold DeepSpeed classes and are read by DeepSpeed's own zero_to_fp32 with
-    weights_only=False: load such checkpoints only if you wrote them.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    engine_dir = path / CHECKPOINT_TAG
-    if any(engine_dir.glob("*optim_states.pt")):  # ZeRO >= 1
-        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)
-    model_states = torch.load(engine_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return {key: value.float() for key, value in model_states["module"].items()}
-

@@ -130,3 +130,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class Planted:
+    """What a tampered checkpoint could hold: unpickling it calls os.makedirs(path)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.makedirs, (self.path,)

@@ -8,7 +8,7 @@ import torch
 
 from launcher.cli import main
 from launcher.metrics import read_metrics
-from tests.helpers import curve, final_params, launch_ok, make_spec, max_param_diff, meshyard, train_in_process
+from tests.helpers import Planted, curve, final_params, launch_ok, make_spec, max_param_diff, meshyard, train_in_process
 
 pytestmark = pytest.mark.distributed
 
@@ -70,3 +70,15 @@ def test_adam_matches_one_process(tmp_path, reference, stage, offload):
     exported = torch.load(run / "export" / "model.pt", weights_only=True)
     assert max_param_diff(exported, final_params(run)) == 0
 
+
+
+def test_resume_reads_deepspeed_files_with_weights_only(tmp_path):
+    """The engine's own loader would unpickle anything; ours refuses a planted callable before it runs."""
+    spec = make_spec(tmp_path, "ds", strategy={"name": "deepspeed", "stage": 1}, training={"max_steps": 4})
+    run = launch_ok(spec, "training.stop_at_step=2")
+    optim_file = next((run / "checkpoints" / "step_00000002" / "deepspeed").glob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Planted(tmp_path / "planted")}, optim_file)
+    resumed = meshyard("launch", str(spec))
+    assert resumed.returncode != 0
+    assert "refused to load, it holds os.makedirs" in resumed.stderr, resumed.stderr[-2000:]
+    assert not (tmp_path / "planted").exists()

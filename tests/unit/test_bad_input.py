@@ -122,6 +122,7 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
     ({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}},
      "strategy.config: zero_optimization.stage=3 conflicts with zero_optimization.stage=1 from the job spec (strategy.stage)"),
     ({"optimizer": {"type": "Adam"}}, "strategy.config: 'optimizer' is set by the job spec (optimizer)"),
+    ({"checkpoint": {"load_universal": True}}, "strategy.config: 'checkpoint' is set by the job spec (checkpoint)"),
 ])
 def test_conflicting_deepspeed_json_names_both_sources(tmp_path, capsys, user, expected):
     (tmp_path / "ds.json").write_text(json.dumps(user))
