@@ -48,7 +48,6 @@ class Session:
     def _check_resume(self) -> None:
         """Refuse to start if the resume setting would lose or misuse checkpoints."""
         from launcher.checkpoint import find_latest, is_complete
-        from launcher.compat import check_checkpoint_fits
 
         resume = self.spec.checkpoint.resume
         latest = find_latest(self.run_dir / "checkpoints")
@@ -63,6 +62,8 @@ class Session:
                 raise UserError(f"checkpoint.resume={resume}: not a complete checkpoint directory (no manifest.json)")
             latest = Path(resume)
         if latest is not None:
+            from launcher.compat import check_checkpoint_fits  # imports DCP (~1 s): only when resuming
+
             check_checkpoint_fits(self.spec, latest, self.plan.world_size)
 
     def preempted_step(self, since: float) -> int | None:
