@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 bad input (one line `error: <field or file>: <what is allowed>`); 1 a rank
 failed or the job hung (each rank's error or where it was stuck); 75 preempted by SIGTERM after a
-checkpoint (run the same command to resume); 130 Ctrl-C (every process of the job stopped).
+checkpoint (run the same command to resume); 130 Ctrl-C (every process of the job stopped); 141 the
+output's reader went away (`| head`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from launcher.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, LaunchError, UserEr
 from launcher.executors.request import LaunchOptions
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: every process of the job was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`meshyard plan SPEC | head`): stop quietly, as other command-line tools do.
+        # stdout is pointed at /dev/null so the interpreter's final flush does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

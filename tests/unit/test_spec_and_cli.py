@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from launcher.cli import main
 from launcher.plan import make_plan
 from launcher.spec import load_spec
-from tests.helpers import REPO, make_spec
+from tests.helpers import MESHYARD, REPO, make_spec
 
 
 def test_overrides_are_typed_by_the_schema(tmp_path):
@@ -59,3 +60,13 @@ def test_dry_run_is_data(tmp_path):
     request = LocalExecutor().dry_run(job, LaunchOptions())
     assert request.argv[1:3] == ("-m", "torch.distributed.run")
     assert request.env["OMP_NUM_THREADS"] and request.marker == str(tmp_path / "spec.json")
+
+
+def test_a_closed_output_pipe_ends_quietly(tmp_path):
+    """`meshyard plan SPEC | head` when head has already exited: no traceback, SIGPIPE's exit status."""
+    proc = subprocess.Popen([MESHYARD, "plan", str(make_spec(tmp_path))], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is printed
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
