@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launcher.errors import UserError
 from strategies.base import NativeCheckpoint, Strategy
 
 PARTIAL_PREFIX = ".partial-"
@@ -59,9 +60,12 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Mod
     """Fill a plain module with a checkpoint's (possibly sharded) model weights; any world size,
     with or without a process group."""
     if checkpoint_format(checkpoint) == "deepspeed":
-        from strategies.deepspeed_checkpoint import consolidated_state_dict
+        from strategies.deepspeed_checkpoint import UnreadableCheckpoint, consolidated_state_dict
 
-        model.load_state_dict(consolidated_state_dict(checkpoint))
+        try:
+            model.load_state_dict(consolidated_state_dict(checkpoint))
+        except UnreadableCheckpoint as exc:
+            raise UserError(str(exc)) from None
         return model
     state = {"model": model.state_dict()}
     with _single_process_ok():

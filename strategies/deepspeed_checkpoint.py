@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from launcher.errors import UserError
-
 if TYPE_CHECKING:
     from strategies.deepspeed_engine import DeepSpeedStrategy
 
 CHECKPOINT_TAG = "deepspeed"  # the engine's sub-directory inside one of our step directories
 MapLocation = str | torch.device | Callable[..., Any] | None
+
+
+class UnreadableCheckpoint(Exception):
+    """A DeepSpeed checkpoint file this code refuses to read; the message is one line for the user."""
 
 
 def _deepspeed_data_classes() -> list[type]:
@@ -42,7 +44,7 @@ def load_weights_only(path: str | Path, map_location: MapLocation = "cpu") -> An
         except pickle.UnpicklingError:
             names = {f"{cls.__module__}.{cls.__name__}" for cls in allowed}
             extra = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - names)
-            raise UserError(f"{path}: refused to load, it holds {', '.join(extra) or 'a non-tensor object'}"
+            raise UnreadableCheckpoint(f"{path}: refused to load, it holds {', '.join(extra) or 'a non-tensor object'}"
                             " (DeepSpeed checkpoints are read with weights_only=True)") from None
 
 
@@ -88,7 +90,7 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return {key: value.float() for key, value in model_states["module"].items()}
     model_states = load_weights_only(min(engine_dir.glob("*model_states.pt"), key=_rank_of))
     if model_states.get("frozen_param_shapes"):
-        raise UserError(f"{engine_dir}: exporting parameters with requires_grad=False from a ZeRO checkpoint is not"
+        raise UnreadableCheckpoint(f"{engine_dir}: exporting parameters with requires_grad=False from a ZeRO checkpoint is not"
                         " supported")
     partitions = [load_weights_only(f)["optimizer_state_dict"] for f in optim_files]
     if int(partitions[0]["zero_stage"]) == 3:

@@ -1,18 +1,21 @@
 """DeepSpeed checkpoint files are read with weights_only=True: a pickled callable is refused, not run."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from launcher.errors import UserError
-from strategies.deepspeed_checkpoint import CHECKPOINT_TAG, consolidated_state_dict, load_weights_only
-from tests.helpers import Planted
+from launcher.cli import main
+from launcher.session import prepare
+from strategies.deepspeed_checkpoint import CHECKPOINT_TAG, UnreadableCheckpoint, consolidated_state_dict, load_weights_only
+from tests.helpers import Planted, make_spec
 
 
 def test_a_pickled_callable_is_refused_and_never_called(tmp_path):
     planted = tmp_path / "planted"
     torch.save({"weights": torch.ones(2), "extra": Planted(planted)}, tmp_path / "model_states.pt")
-    with pytest.raises(UserError, match=r"model_states.pt: refused to load, it holds os.makedirs"):
+    with pytest.raises(UnreadableCheckpoint, match=r"model_states.pt: refused to load, it holds os.makedirs"):
         load_weights_only(tmp_path / "model_states.pt")
     assert not planted.exists()
 
@@ -26,12 +29,21 @@ def test_deepspeeds_own_data_classes_load(tmp_path):
     assert loaded["zero_stage"] == ZeroStageEnum.gradients and loaded["loss_scaler"].cur_scale == 1.0
 
 
-def test_export_of_a_tampered_zero_checkpoint_is_refused(tmp_path):
-    engine_dir = tmp_path / CHECKPOINT_TAG
-    engine_dir.mkdir()
+def test_export_of_a_tampered_zero_checkpoint_is_refused(tmp_path, capsys):
+    session = prepare(str(make_spec(tmp_path, strategy={"name": "deepspeed", "stage": 1})), [])
+    session.write_spec()
+    checkpoint = session.run_dir / "checkpoints" / "step_00000001"
+    (checkpoint / CHECKPOINT_TAG).mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text(json.dumps({"step": 1, "world_size": 1, "format": "deepspeed"}))
     planted = tmp_path / "planted"
-    torch.save({"param_shapes": [], "buffer_names": [], "module": {}}, engine_dir / "mp_rank_00_model_states.pt")
-    torch.save({"optimizer_state_dict": Planted(planted)}, engine_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(UserError, match="refused to load"):
-        consolidated_state_dict(tmp_path)
-    assert not planted.exists()
+    torch.save({"param_shapes": [], "buffer_names": [], "module": {}},
+               checkpoint / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": Planted(planted)},
+               checkpoint / CHECKPOINT_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(UnreadableCheckpoint, match="refused to load"):
+        consolidated_state_dict(checkpoint)
+    assert main(["export", str(session.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "optim_states.pt: refused to load, it holds os.makedirs" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not planted.exists() and not (session.run_dir / "export").exists()
