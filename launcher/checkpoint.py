@@ -19,13 +19,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
 from launcher.errors import UserError
-from strategies.base import NativeCheckpoint, Strategy
+from strategies.base import DCPStateful, NativeCheckpoint, Strategy
 
 PARTIAL_PREFIX = ".partial-"
 MANIFEST = "manifest.json"
@@ -79,7 +79,7 @@ class DCPShards:
 
     format = DCP_FORMAT
 
-    def __init__(self, strategy: Any, async_group: Any = None) -> None:
+    def __init__(self, strategy: DCPStateful, async_group: Any = None) -> None:
         self.strategy, self.async_group = strategy, async_group
 
     def save(self, path: Path) -> None:
@@ -108,7 +108,7 @@ class Checkpointer:
         self.async_save = async_save
         # async_save's collectives must not share the training group (FACTS: "collective mismatch").
         async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
-        self.shards: NativeCheckpoint = strategy.native_checkpoint or DCPShards(strategy, async_group)
+        self.shards: NativeCheckpoint = strategy.native_checkpoint or DCPShards(cast(DCPStateful, strategy), async_group)
         self._pending: tuple[Any, Path, Path, int] | None = None
 
     def remove_partials(self) -> None:
@@ -128,8 +128,8 @@ class Checkpointer:
             partial.mkdir(parents=True)
         self.barrier()
         torch.save(rank_state, partial / f"rank{self.rank}.pt")
-        if self.async_save:  # the plan allows it only with DCP
-            self._pending = (self.shards.save_async(partial), partial, final, step)  # type: ignore[attr-defined]
+        if self.async_save and isinstance(self.shards, DCPShards):  # the plan allows async saves only with DCP
+            self._pending = (self.shards.save_async(partial), partial, final, step)
             return final
         self.shards.save(partial)
         self._finish(partial, final, step)

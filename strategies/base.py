@@ -30,6 +30,16 @@ class NativeCheckpoint(Protocol):
     def load(self, path: Path) -> None: ...
 
 
+class DCPStateful(Protocol):
+    """What the default checkpoint (torch.distributed.checkpoint) needs from a strategy."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """{'model': ..., 'optim': ...} in torch.distributed.checkpoint's layout."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of state_dict()."""
+
+
 class Strategy(Protocol):
     dp_rank: int
     dp_size: int
@@ -37,7 +47,7 @@ class Strategy(Protocol):
     optimizer: torch.optim.Optimizer
     model_parts: list[nn.Module]  # the unwrapped model: one part, or this rank's pipeline stages
     local_optimizer_state: dict[Any, dict[str, Any]]  # the state this rank stores (for memory accounting)
-    native_checkpoint: NativeCheckpoint | None  # None: checkpoints are DCP over state_dict()
+    native_checkpoint: NativeCheckpoint | None  # None: the strategy is DCPStateful, checkpoints are DCP
 
     def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         """Build model and optimizer in ONE call: sharding strategies own both together."""
@@ -72,12 +82,6 @@ class Strategy(Protocol):
 
     def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over the data-parallel group (every rank gets the result)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """{'model': ..., 'optim': ...} in torch.distributed.checkpoint's layout."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of state_dict()."""
 
     def close(self) -> None:
         """Release what the strategy's engine holds, while the process group still exists."""

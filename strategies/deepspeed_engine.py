@@ -100,12 +100,6 @@ class DeepSpeedStrategy(DataParallelStrategy):
     def discard_grads(self) -> None:
         raise RuntimeError("DeepSpeed cannot drop an accumulated window")  # the plan refuses on_nonfinite=skip
 
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("DeepSpeed checkpoints are the engine's own (see native_checkpoint)")
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError("DeepSpeed checkpoints are the engine's own (see native_checkpoint)")
-
     def close(self) -> None:
         # Without it, ranks sometimes aborted at exit after a ZeRO-3 save ("terminate called without
         # an active exception", SIGABRT) once the process group was destroyed under the engine's hooks.
