@@ -56,6 +56,10 @@ def checkpoint_format(path: Path) -> str:
     return json.loads((path / MANIFEST).read_text()).get("format", DCP_FORMAT)
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(json.loads((path / MANIFEST).read_text())["step"])
+
+
 def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     """Fill a plain module with a checkpoint's (possibly sharded) model weights; any world size,
     with or without a process group."""
@@ -103,9 +107,11 @@ class Checkpointer:
     """Saves and loads one run's checkpoints; every rank holds one and calls it at the same points."""
 
     def __init__(self, root: Path, keep: int, rank: int, world_size: int, barrier: Callable[[], None],
-                 strategy: Strategy, async_save: bool = False) -> None:
+                 strategy: Strategy, async_save: bool = False,
+                 on_published: Callable[[int, Path], None] | None = None) -> None:
         self.root, self.keep, self.rank, self.world_size, self.barrier = root, keep, rank, world_size, barrier
         self.async_save = async_save
+        self.on_published = on_published  # called on every rank with (step, directory) once a checkpoint is complete
         # async_save's collectives must not share the training group (FACTS: "collective mismatch").
         async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         self.shards: NativeCheckpoint = strategy.native_checkpoint or DCPShards(cast(DCPStateful, strategy), async_group)
@@ -149,6 +155,8 @@ class Checkpointer:
         if self.rank == 0:
             self._publish(partial, final, step)
         self.barrier()
+        if self.on_published is not None:
+            self.on_published(step, final)
 
     def load(self, path: Path) -> dict[str, Any]:
         """Restore the strategy's model and optimizer from `path`; return this rank's own extra state

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from launcher.checkpoint import Checkpointer, find_latest
+from launcher.checkpoint import Checkpointer, checkpoint_step, find_latest
 from launcher.components import build_datasets, build_loss, correct_predictions, model_factory
 from launcher.compression.hooks import Compression
 from launcher.guards import NonFiniteError, PreemptionFlag, StepAgreement
@@ -41,19 +42,29 @@ class RankInfo:
     world_size: int = 1
 
 
+@dataclass(frozen=True)
+class CheckpointExchange:
+    """Checkpoints shared with an orchestrator around the loop (Ray Train): the one it hands back to
+    a restarted worker group, and a call on every rank as each new one is complete."""
+
+    restored: Path | None = None  # resumed from instead of the run directory's newest (checkpoint.resume: auto)
+    published: Callable[[int, Path], None] | None = None
+
+
 def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo(),
-          preemption: PreemptionFlag | None = None, clock: StartupClock | None = None) -> dict[str, Any]:
+          preemption: PreemptionFlag | None = None, clock: StartupClock | None = None,
+          exchange: CheckpointExchange = CheckpointExchange()) -> dict[str, Any]:
     """Run (or resume) the job on this rank; return the run summary."""
     started = time.perf_counter()
     heartbeat = Heartbeat(run_dir, ranks.rank).start()
     try:
-        return _train(spec, plan, run_dir, ranks, preemption, heartbeat, started, clock or StartupClock())
+        return _train(spec, plan, run_dir, ranks, preemption, heartbeat, started, clock or StartupClock(), exchange)
     finally:
         heartbeat.stop()
 
 
 def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption: PreemptionFlag | None,
-           heartbeat: Heartbeat, started: float, clock: StartupClock) -> dict[str, Any]:
+           heartbeat: Heartbeat, started: float, clock: StartupClock, exchange: CheckpointExchange) -> dict[str, Any]:
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
     strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage, plan.deepspeed_config,
@@ -68,9 +79,10 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     clock.mark("data_build")
 
     checkpointer = Checkpointer(run_dir / "checkpoints", spec.checkpoint.keep, ranks.rank, ranks.world_size,
-                                _barrier, strategy, async_save=spec.checkpoint.async_save)
+                                _barrier, strategy, async_save=spec.checkpoint.async_save,
+                                on_published=exchange.published)
     checkpointer.remove_partials()
-    resume_from = _resume_path(spec, run_dir)
+    resume_from = resume_path(spec, run_dir, exchange.restored)
     if resume_from is not None:
         start_step = _restore(checkpointer, resume_from, strategy, scheduler, compression)
     else:
@@ -188,14 +200,22 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _resume_path(spec: JobSpec, run_dir: Path) -> Path | None:
-    """`auto`: newest complete checkpoint of this run, if any; a path: that checkpoint."""
+def resume_path(spec: JobSpec, run_dir: Path, restored: Path | None) -> Path | None:
+    """`auto`: the newer of the orchestrator's checkpoint and this run's newest complete one (the
+    orchestrator's on a tie), if any; a path: that checkpoint; `never`: none.
+
+    Ray registers a reported checkpoint only when its controller next polls the workers (every 2 s),
+    so a group that fails right after a save gets back an older one than the run directory holds.
+    """
     resume = spec.checkpoint.resume
     if resume == "never":
         return None
-    if resume == "auto":
-        return find_latest(run_dir / "checkpoints")
-    return Path(resume)
+    if resume != "auto":
+        return Path(resume)
+    latest = find_latest(run_dir / "checkpoints")
+    if restored is None or (latest is not None and checkpoint_step(latest) > checkpoint_step(restored)):
+        return latest
+    return restored
 
 
 def _restore(checkpointer: Checkpointer, path: Path, strategy: Strategy, scheduler: Any,

@@ -22,7 +22,7 @@ from launcher.imports import ensure_cwd_importable
 from launcher.plan import make_plan
 from launcher.spec import spec_from_json_file
 from launcher.startup import StartupClock
-from launcher.trainer import RankInfo, train
+from launcher.trainer import CheckpointExchange, RankInfo, train
 
 
 def rank_info_from_env() -> RankInfo:
@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> None:
         print(format_summary(summary), flush=True)
 
 
-def run_rank(spec_path: Path, clock: StartupClock) -> dict:
+def run_rank(spec_path: Path, clock: StartupClock, exchange: CheckpointExchange = CheckpointExchange()) -> dict:
     """Check the world this process was started into, join the process group, train; the summary.
 
-    Ray Train has already formed the process group when it calls this; other executors have not.
+    Ray Train has already formed the process group when it calls this (and exchanges checkpoints
+    with the loop); other executors have not.
     """
     ensure_cwd_importable()
     spec = spec_from_json_file(spec_path)
@@ -81,7 +82,7 @@ def run_rank(spec_path: Path, clock: StartupClock) -> dict:
         init_process_group(plan.backend, ranks, timedelta(seconds=spec.training.collective_timeout_s))
     clock.mark("pg_init")
     try:
-        return train(spec, plan, spec_path.parent, ranks, preemption, clock)
+        return train(spec, plan, spec_path.parent, ranks, preemption, clock, exchange)
     finally:
         if joined_here and dist.is_initialized():
             dist.destroy_process_group()

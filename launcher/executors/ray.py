@@ -6,9 +6,10 @@
 - Address: `--address`, else RAY_ADDRESS (set inside a Ray job), else an embedded local Ray bound
   to 127.0.0.1 that this launcher starts and shuts down; a cluster it joined is left alone.
 - Token authentication stays on: RAY_AUTH_MODE=token unless the caller chose a mode.
-- Restarts: Ray restarts the whole worker group; every rank resumes from the newest complete DCP
-  checkpoint in the run directory (which must be shared storage on a multi-node cluster, as Ray
-  Train's storage_path must be anyway).
+- Checkpoints: each complete checkpoint is reported to Ray (copied into RunConfig's storage, the
+  newest `checkpoint.keep` kept); Ray restarts the whole worker group and hands it the newest one,
+  which every rank resumes from. The run directory must be shared storage on a multi-node cluster,
+  as Ray Train's storage_path must be anyway.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class RayExecutor:
                               "resources_per_worker": {"CPU": 1, **({"GPU": 1} if plan.device == "cuda" else {})}},
             "TorchConfig": {"backend": plan.backend, "timeout_s": int(job.hang_timeout_s)},
             "RunConfig": {"name": job.name, "storage_path": str(job.run_dir / "ray")},
+            "CheckpointConfig": {"num_to_keep": job.checkpoints_kept},
             "FailureConfig": {"max_failures": job.max_restarts},
         }
         return LaunchRequest(executor=self.name, settings=settings,
@@ -56,7 +58,7 @@ class RayExecutor:
         s = request.settings
         os.environ.setdefault("RAY_AUTH_MODE", s["RAY_AUTH_MODE"])  # before ray is imported
         import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from launcher.executors.ray_rank import train_loop_per_worker
@@ -68,7 +70,8 @@ class RayExecutor:
                 train_loop_config={**s["train_loop_config"], "launched_at": _launched_at()},
                 scaling_config=ScalingConfig(**s["ScalingConfig"]),
                 torch_config=TorchConfig(**s["TorchConfig"]),
-                run_config=RunConfig(**s["RunConfig"], failure_config=FailureConfig(**s["FailureConfig"])),
+                run_config=RunConfig(**s["RunConfig"], checkpoint_config=CheckpointConfig(**s["CheckpointConfig"]),
+                                     failure_config=FailureConfig(**s["FailureConfig"])),
             )
             result = trainer.fit()
         except Exception as exc:  # Ray raises its TrainingFailedError family; keep Ray's types out of the CLI

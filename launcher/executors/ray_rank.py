@@ -2,12 +2,14 @@
 
 Ray's torch backend has already set torchrun's environment contract (RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and formed the process group; `run_rank` checks the world
-size against the plan and trains. A restarted worker group (FailureConfig) calls this again, and
-the trainer resumes from the newest complete checkpoint in the run directory (checkpoint.resume:
-auto), which is also the checkpoint reported to Ray.
+size against the plan and trains. Checkpoints go through Ray: as each one is complete every rank
+calls `ray.train.report`, rank 0 with the checkpoint directory, which Ray copies into its storage;
+a restarted worker group (FailureConfig) gets the newest one back from `ray.train.get_checkpoint()`
+and resumes from it (checkpoint.resume: auto).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -18,15 +20,26 @@ from launcher.startup import StartupClock
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
+    from launcher.trainer import CheckpointExchange
     from launcher.worker import format_summary, run_rank
 
     if Path(config["cwd"]).is_dir():  # Ray starts workers in its own directory; user code lives in the launcher's
         os.chdir(config["cwd"])
-    summary = run_rank(Path(config["spec_path"]), StartupClock(config["launched_at"]))
-    checkpoint = summary.get("checkpoint")
-    # Every rank reports (Ray Train expects it); only rank 0 names the checkpoint, by reference:
-    # our DCP checkpoint is already complete on shared storage, so Ray need not copy it.
-    ray.train.report({"step": summary["steps"], "final_loss": summary["final_loss"],
-                      "checkpoint_dir": checkpoint if ray.train.get_context().get_world_rank() == 0 else None})
-    if ray.train.get_context().get_world_rank() == 0:
+    is_rank0 = ray.train.get_context().get_world_rank() == 0
+    reported = ray.train.get_checkpoint()
+    with reported.as_directory() if reported else contextlib.nullcontext() as restored:
+        exchange = CheckpointExchange(restored=Path(restored) if restored else None, published=report_checkpoint)
+        summary = run_rank(Path(config["spec_path"]), StartupClock(config["launched_at"]), exchange)
+    ray.train.report({"step": summary["steps"], "final_loss": summary["final_loss"]})  # every rank, as Ray expects
+    if is_rank0:
         print(format_summary(summary), flush=True)
+
+
+def report_checkpoint(step: int, directory: Path) -> None:
+    """Called on every rank once checkpoint `step` is complete. Only rank 0 hands Ray the directory:
+    it is on storage every rank writes to, and already holds every rank's shards."""
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+    ray.train.report({"step": step}, checkpoint=checkpoint if ray.train.get_context().get_world_rank() == 0 else None,
+                     checkpoint_dir_name=directory.name, delete_local_checkpoint_after_upload=False)

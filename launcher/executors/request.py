@@ -24,6 +24,7 @@ class Job:
     plan: Plan
     max_restarts: int
     hang_timeout_s: float
+    checkpoints_kept: int  # checkpoint.keep: an orchestrator's own checkpoint storage keeps as many (Ray)
 
     @property
     def run_dir(self) -> Path:

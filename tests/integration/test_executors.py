@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,9 +78,11 @@ def test_accelerate_launch_matches_local(tmp_path, local_run):
 def test_ray_train_matches_local_after_a_worker_is_killed(tmp_path, local_run):
     spec = make_spec(tmp_path, "parity", **PARITY)
     run = run_dir(spec)
-    launch = start_launch(spec, args=("--executor", "ray"))
+    # Slower data (same numbers): Ray registers a reported checkpoint at its controller's next poll (2 s).
+    launch = start_launch(spec, "data.kwargs.delay_s=0.04", args=("--executor", "ray"))
     try:
         wait_for_step(run, KILL_AFTER_STEP, timeout=180)
+        registered = wait_for_ray_checkpoint(run / "ray" / "parity", timeout=60)
         victim = read_heartbeats(run / "heartbeats")[1]["pid"]
         os.kill(victim, signal.SIGKILL)
         out, err = launch.communicate(timeout=240)
@@ -88,10 +91,27 @@ def test_ray_train_matches_local_after_a_worker_is_killed(tmp_path, local_run):
             launch.kill()
             launch.communicate()
     assert launch.returncode == 0, (out[-3000:], err[-3000:])
-    assert "resumed from" in out + err  # the restarted group resumed from a checkpoint, not from scratch
+    # The restarted group resumed from a checkpoint at least as new as the one Ray handed back, not from scratch.
+    resumed = re.search(r"resumed from (\S+/step_(\d+)) at step (\d+)", out + err)
+    assert resumed and int(resumed[2]) == int(resumed[3]) >= registered, resumed
     assert read_heartbeats(run / "heartbeats")[1]["pid"] != victim
     assert_same_numbers(run, local_run[0])
+    snapshot = json.loads((run / "ray" / "parity" / "checkpoint_manager_snapshot.json").read_text())
+    assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000020"  # Result.checkpoint
+    assert (run / "ray" / "parity" / "step_00000020" / "manifest.json").is_file()
     assert not processes_with_marker(str(run / "spec.json"))
+
+
+def wait_for_ray_checkpoint(storage, timeout: float) -> int:
+    """The step of the newest checkpoint Ray's controller has registered (its snapshot file)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+            return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    raise AssertionError(f"Ray registered no checkpoint under {storage} within {timeout} s")
 
 
 def test_two_launchers_form_one_two_node_job(tmp_path):

@@ -1,9 +1,14 @@
 """Checkpoints are complete or invisible: partial directories are never loaded and get cleaned."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from launcher.checkpoint import Checkpointer, find_latest
+from launcher.spec import load_spec
+from launcher.trainer import resume_path
+from tests.helpers import make_spec
 
 
 class StateHolder:
@@ -52,3 +57,25 @@ def test_stale_latest_pointer_falls_back_to_newest_complete(tmp_path):
     _save(tmp_path, 1, 1)
     (tmp_path / "latest").write_text("step_00000009")  # points at something that never completed
     assert find_latest(tmp_path).name == "step_00000001"
+
+
+def _fake_checkpoint(directory, step):
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text(json.dumps({"step": step, "world_size": 1, "format": "dcp"}))
+    return directory
+
+
+def test_resume_takes_the_newer_of_the_orchestrators_checkpoint_and_the_run_directorys(tmp_path):
+    """Ray hands a restarted group the newest checkpoint its controller registered, which can lag the run directory."""
+    spec = load_spec(make_spec(tmp_path))
+    run_dir = tmp_path / "runs" / "test"
+    assert resume_path(spec, run_dir, None) is None
+    from_ray = _fake_checkpoint(tmp_path / "ray" / "step_00000004", 4)
+    assert resume_path(spec, run_dir, from_ray) == from_ray
+    ours = _fake_checkpoint(run_dir / "checkpoints" / "step_00000004", 4)
+    assert resume_path(spec, run_dir, from_ray) == from_ray  # a tie: the orchestrator's
+    assert resume_path(spec, run_dir, None) == ours
+    newer = _fake_checkpoint(run_dir / "checkpoints" / "step_00000008", 8)
+    assert resume_path(spec, run_dir, from_ray) == newer
+    never = load_spec(make_spec(tmp_path, checkpoint={"resume": "never"}))
+    assert resume_path(never, run_dir, from_ray) is None

@@ -53,12 +53,12 @@ def test_accelerate_configs_that_change_the_strategy_or_world_are_refused(tmp_pa
 def test_ray_dry_run_maps_the_plan_onto_ray_train(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     spec = make_spec(tmp_path, resources={"procs_per_node": 2, "max_restarts": 3},
-                     training={"collective_timeout_s": 60})
+                     training={"collective_timeout_s": 60}, checkpoint={"keep": 4})
     s = dry_run(spec, executor="ray").settings
     assert s["ray.init"]["address"] == "local" and s["ray.init"]["_node_ip_address"] == "127.0.0.1"
     assert s["ScalingConfig"] == {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1}}
     assert s["TorchConfig"] == {"backend": "gloo", "timeout_s": 60}
-    assert s["FailureConfig"] == {"max_failures": 3}
+    assert s["FailureConfig"] == {"max_failures": 3} and s["CheckpointConfig"] == {"num_to_keep": 4}
     assert s["RunConfig"]["storage_path"] == str(tmp_path / "runs" / "test" / "ray")
     joined = dry_run(spec, executor="ray", address="ray://10.0.0.1:10001").settings
     assert joined["ray.init"] == {"address": "ray://10.0.0.1:10001"} and joined["ray.shutdown"].startswith("no")

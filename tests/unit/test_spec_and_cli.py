@@ -56,7 +56,8 @@ def test_dry_run_is_data(tmp_path):
     from launcher.executors.request import Job, LaunchOptions
 
     spec = load_spec(make_spec(tmp_path, resources={"procs_per_node": 2}))
-    job = Job(name="test", spec_path=tmp_path / "spec.json", plan=make_plan(spec), max_restarts=0, hang_timeout_s=60)
+    job = Job(name="test", spec_path=tmp_path / "spec.json", plan=make_plan(spec), max_restarts=0, hang_timeout_s=60,
+              checkpoints_kept=3)
     request = LocalExecutor().dry_run(job, LaunchOptions())
     assert request.argv[1:3] == ("-m", "torch.distributed.run")
     assert request.env["OMP_NUM_THREADS"] and request.marker == str(tmp_path / "spec.json")
