@@ -47,7 +47,7 @@ class CheckpointExchange:
     """Checkpoints shared with an orchestrator around the loop (Ray Train): the one it hands back to
     a restarted worker group, and a call on every rank as each new one is complete."""
 
-    restored: Path | None = None  # resumed from instead of the run directory's newest (checkpoint.resume: auto)
+    restored: Path | None = None  # resumed from unless the run directory holds a newer one (checkpoint.resume: auto)
     published: Callable[[int, Path], None] | None = None
 
 

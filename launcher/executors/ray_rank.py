@@ -4,8 +4,9 @@ Ray's torch backend has already set torchrun's environment contract (RANK, LOCAL
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and formed the process group; `run_rank` checks the world
 size against the plan and trains. Checkpoints go through Ray: as each one is complete every rank
 calls `ray.train.report`, rank 0 with the checkpoint directory, which Ray copies into its storage;
-a restarted worker group (FailureConfig) gets the newest one back from `ray.train.get_checkpoint()`
-and resumes from it (checkpoint.resume: auto).
+a restarted worker group (FailureConfig) gets the newest registered one back from
+`ray.train.get_checkpoint()` and resumes from it, or from a newer one in the run directory
+(checkpoint.resume: auto; see launcher.trainer.resume_path).
 """
 from __future__ import annotations
 
