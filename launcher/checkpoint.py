@@ -24,6 +24,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
+from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
 from strategies.base import DCPStateful, NativeCheckpoint, Strategy
 
@@ -52,12 +53,15 @@ def find_latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A complete checkpoint's manifest: step, world_size, format, files."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest.setdefault("format", DCP_FORMAT)  # written before the format was recorded
+    return manifest
+
+
 def checkpoint_format(path: Path) -> str:
-    return json.loads((path / MANIFEST).read_text()).get("format", DCP_FORMAT)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(json.loads((path / MANIFEST).read_text())["step"])
+    return read_manifest(path)["format"]
 
 
 def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
@@ -170,11 +174,11 @@ class Checkpointer:
     def _publish(self, partial: Path, final: Path, step: int) -> None:
         files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}
         manifest = {"step": step, "world_size": self.world_size, "format": self.shards.format, "files": files}
-        _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
+        write_text_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # re-saving the same step (e.g. a resumed run that stops where it resumed)
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_atomic(self.root / LATEST, final.name)
+        write_text_atomic(self.root / LATEST, final.name)
         self._prune()
 
     def _prune(self) -> None:
@@ -189,12 +193,6 @@ def _dcp() -> ModuleType:
     import torch.distributed.checkpoint as dcp
 
     return dcp
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 

@@ -5,14 +5,13 @@ compared with the tensor shapes recorded in the checkpoint's DCP metadata.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from launcher.checkpoint import MANIFEST, checkpoint_format
+from launcher.checkpoint import read_manifest
 from launcher.components import model_factory
 from launcher.errors import UserError
 from launcher.spec.schema import JobSpec
@@ -20,12 +19,13 @@ from launcher.spec.schema import JobSpec
 
 def check_checkpoint_fits(spec: JobSpec, checkpoint: Path, world_size: int) -> None:
     keep = "the checkpoints were left untouched; start fresh with another name or output.dir"
-    written_by_deepspeed = checkpoint_format(checkpoint) == "deepspeed"
+    manifest = read_manifest(checkpoint)
+    written_by_deepspeed = manifest["format"] == "deepspeed"
     if written_by_deepspeed != (spec.strategy.name == "deepspeed"):
         raise UserError(f"{checkpoint}: was written by {'DeepSpeed' if written_by_deepspeed else 'DCP'}, which"
                         f" strategy {spec.strategy.name} cannot resume from; {keep}")
     if written_by_deepspeed:
-        saved_world = json.loads((checkpoint / MANIFEST).read_text())["world_size"]
+        saved_world = manifest["world_size"]
         if saved_world != world_size:
             raise UserError(f"{checkpoint}: a DeepSpeed checkpoint from {saved_world} processes resumes only at the"
                             f" same world size, not {world_size}; {keep}")

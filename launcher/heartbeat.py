@@ -18,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from launcher.atomic import write_text_atomic
+
 HEARTBEAT_DIR = "heartbeats"
 INTERVAL_S = 1.0
 # Frames inside these files mean "waiting for other ranks", not "stuck in this rank's own code".
@@ -54,9 +56,7 @@ class Heartbeat:
         stack = innermost_frames(sys._current_frames().get(self._main))
         beat = {"rank": self.rank, "pid": os.getpid(), "step": self.step, "phase": self.phase,
                 "time": time.time(), "stack": stack}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(beat))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(beat))
 
 
 def innermost_frames(frame: FrameType | None, limit: int = 8) -> list[str]:

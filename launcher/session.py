@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
 from launcher.plan import Plan, check_model_layout, make_plan
@@ -77,16 +77,9 @@ class Session:
         return None
 
     def write_spec(self) -> None:
-        """The resolved spec every rank reads; written atomically so no rank sees half a file.
-
-        The temporary name is this launcher's own: the launchers of a multi-node job share the run
-        directory and write the same spec at the same moment (a shared name lost one launcher's file
-        to the other's rename, and its node never joined the rendezvous).
-        """
+        """The resolved spec every rank reads (the launchers of a multi-node job all write it at once)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.spec_path.with_name(f"{SPEC_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.spec.model_dump(mode="json", by_alias=True), indent=1))
-        os.replace(tmp, self.spec_path)
+        write_text_atomic(self.spec_path, json.dumps(self.spec.model_dump(mode="json", by_alias=True), indent=1))
 
 
 def prepare(spec_file: str, overrides: list[str]) -> Session:

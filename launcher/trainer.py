@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from launcher.checkpoint import Checkpointer, checkpoint_step, find_latest
+from launcher.checkpoint import Checkpointer, find_latest, read_manifest
 from launcher.components import build_datasets, build_loss, correct_predictions, model_factory
 from launcher.compression.hooks import Compression
 from launcher.guards import NonFiniteError, PreemptionFlag, StepAgreement
@@ -213,7 +213,7 @@ def resume_path(spec: JobSpec, run_dir: Path, restored: Path | None) -> Path | N
     if resume != "auto":
         return Path(resume)
     latest = find_latest(run_dir / "checkpoints")
-    if restored is None or (latest is not None and checkpoint_step(latest) > checkpoint_step(restored)):
+    if restored is None or (latest is not None and read_manifest(latest)["step"] > read_manifest(restored)["step"]):
         return latest
     return restored
 

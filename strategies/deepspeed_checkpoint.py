@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,15 +133,10 @@ def _merge_stage3(shapes: list[dict[str, torch.Size]], flat_groups: list[list[to
     per_rank = [torch.cat(groups) for groups in flat_groups]
     state: dict[str, torch.Tensor] = {}
     offset = 0
-    for name, shape in _in_order(shapes):
+    for name, shape in (item for group in shapes for item in group.items()):
         numel = math.prod(shape)
         part = math.ceil(numel / world)
         whole = torch.cat([flat.narrow(0, offset, part) for flat in per_rank])
         state[name] = whole[:numel].view(shape).clone()
         offset += part
     return state
-
-
-def _in_order(shapes: list[dict[str, torch.Size]]) -> Iterator[tuple[str, torch.Size]]:
-    for group in shapes:
-        yield from group.items()

@@ -28,6 +28,7 @@ from strategies.deepspeed_checkpoint import DeepSpeedCheckpoint, weights_only_ch
 from strategies.grads import add_l1_l2_to_pairs_, clip_grad_norm_
 from strategies.single import to_device
 
+
 def skip_shared_memory_comm_build() -> None:
     """Don't JIT-compile DeepSpeed's shared-memory all-reduce op on CPU.
 

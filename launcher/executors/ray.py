@@ -7,8 +7,9 @@
   to 127.0.0.1 that this launcher starts and shuts down; a cluster it joined is left alone.
 - Token authentication stays on: RAY_AUTH_MODE=token unless the caller chose a mode.
 - Checkpoints: each complete checkpoint is reported to Ray (copied into RunConfig's storage, the
-  newest `checkpoint.keep` kept); Ray restarts the whole worker group and hands it the newest one,
-  which every rank resumes from. The run directory must be shared storage on a multi-node cluster,
+  newest `checkpoint.keep` kept); Ray restarts the whole worker group and hands it the newest one
+  it registered, which every rank resumes from unless the run directory holds a newer one
+  (launcher.trainer.resume_path). The run directory must be shared storage on a multi-node cluster,
   as Ray Train's storage_path must be anyway.
 """
 from __future__ import annotations

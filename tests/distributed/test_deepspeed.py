@@ -71,7 +71,6 @@ def test_adam_matches_one_process(tmp_path, reference, stage, offload):
     assert max_param_diff(exported, final_params(run)) == 0
 
 
-
 def test_resume_reads_deepspeed_files_with_weights_only(tmp_path):
     """The engine's own loader would unpickle anything; ours refuses a planted callable before it runs."""
     spec = make_spec(tmp_path, "ds", strategy={"name": "deepspeed", "stage": 1}, training={"max_steps": 4})
