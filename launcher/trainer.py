@@ -120,7 +120,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         lr = scheduler.get_last_lr()[0]
         # Measured before the step zeroes the gradients, and only when logged: it walks every tensor.
         memory = _memory(strategy) if log_due else {}
-        verdict = agreement.verdict(loss, grad_norm)
+        verdict = agreement.verdict(step, loss, grad_norm)
         if verdict.nonfinite:
             if training.on_nonfinite == "stop":
                 raise NonFiniteError(f"step {step}: the loss or gradient norm is not finite "

@@ -76,18 +76,28 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float | None
                     reduce_sum: ReduceFn | None = None) -> torch.Tensor:
     """Global L2 norm of all gradients; scale them so it is at most max_norm (same rule as torch).
 
-    Computed from per-gradient squared norms rather than torch.nn.utils.clip_grad_norm_, which
-    fails when DTensor and plain parameters, or parameters on different meshes, are mixed.
+    Computed from per-group squared norms rather than torch.nn.utils.clip_grad_norm_, which fails
+    when DTensor and plain parameters, or parameters on different meshes, are mixed. The foreach
+    kernels are one call per group instead of a few per tensor: this runs every step.
     """
-    with_grad = [p for p in params if p.grad is not None]
-    parts = torch.zeros(2, dtype=torch.float32)
-    for p in with_grad:
-        parts[0 if is_sharded(p) else 1] += local(p.grad).detach().float().pow(2).sum().cpu()
+    grads: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # sharded pieces, whole tensors
+    for p in params:
+        if p.grad is not None:
+            grads[0 if is_sharded(p) else 1].append(local(p.grad).detach())
+    parts = torch.stack([_sum_of_squares(group) for group in grads])
     total = _total(parts, reduce_sum).sqrt()
     if max_norm is not None:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         if scale < 1.0:
-            for p in with_grad:
-                grad = local(p.grad)
-                grad.mul_(scale.to(grad.device, grad.dtype))
+            for group in grads:
+                if group:
+                    torch._foreach_mul_(group, scale.to(group[0].device, group[0].dtype))
     return total
+
+
+def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared entries (float32, on the CPU where the partial sums are reduced)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.stack(norms).pow(2).sum().cpu()
