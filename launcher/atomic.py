@@ -2,16 +2,28 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file of this process's own, then rename it over `path`.
+@contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A temporary path of this process's own to write to, renamed over `path` when the block
+    completes and removed when it fails, so readers never see half a file.
 
-    Readers never see half a file. The temporary name carries the PID because several processes
-    may replace the same file at once (the launchers of a multi-node job all write the run's
-    spec.json): with a shared name one writer's rename took the other's file away.
+    The temporary name carries the PID because several processes may replace the same file at once
+    (the launchers of a multi-node job all write the run's spec.json): with a shared name one
+    writer's rename took the other's file away.
     """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_target(path) as tmp:
+        tmp.write_text(text)

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from launcher.imports import resolve
 from launcher.spec.schema import ComponentSpec, DataSpec, JobSpec
 
+
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of LM logits [B, T, V] against token ids [B, T]."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())

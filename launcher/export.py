@@ -5,12 +5,12 @@ so nothing is gathered to a rank 0 during training.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from launcher.atomic import atomic_target
 from launcher.checkpoint import find_latest, load_model_weights
 from launcher.components import model_factory
 from launcher.errors import UserError
@@ -34,7 +34,6 @@ def export_run(run_dir: Path, out: Path | None) -> Path:
     _, model, _ = load_run_model(run_dir)
     out = out or run_dir / "export" / "model.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, out)
+    with atomic_target(out) as tmp:
+        torch.save(model.state_dict(), tmp)
     return out

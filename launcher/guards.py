@@ -25,7 +25,7 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.requested = False
 
-    def install(self) -> "PreemptionFlag":
+    def install(self) -> PreemptionFlag:
         """Only the main thread may set signal handlers: under Ray Train the loop runs in another
         thread, and Ray itself owns the worker's signals (preemption there is Ray's business)."""
         if threading.current_thread() is threading.main_thread():

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ValidationError
 from launcher.errors import SpecError, UserError
 from launcher.spec.schema import JobSpec
 
-
 PATTERN_HINTS = {
     "target": 'expected an import path "module:callable", e.g. launcher.models:mlp',
     "loss": 'expected mse, cross_entropy, token_cross_entropy or an import path "module:callable"',

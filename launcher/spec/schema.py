@@ -57,7 +57,7 @@ class OptimizerSpec(Section):
         return betas
 
     @model_validator(mode="after")
-    def _nesterov_needs_momentum(self) -> "OptimizerSpec":
+    def _nesterov_needs_momentum(self) -> OptimizerSpec:
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
             raise ValueError("nesterov: only for name sgd with momentum > 0")
         return self
@@ -102,7 +102,7 @@ class StrategySpec(Section):
                                   " spec (a value both set differently is an error)")
 
     @model_validator(mode="after")
-    def _stage_goes_with_zero(self) -> "StrategySpec":
+    def _stage_goes_with_zero(self) -> StrategySpec:
         if self.name == "zero" and self.stage == 0:
             raise ValueError("stage: ZeRO stage 0 is plain data parallel; with name zero use 1, 2 or 3")
         if (self.name in ("zero", "deepspeed")) != (self.stage is not None):
@@ -137,7 +137,7 @@ class ParallelSpec(Section):
         return data
 
     @model_validator(mode="after")
-    def _interleaving_needs_its_schedule(self) -> "ParallelSpec":
+    def _interleaving_needs_its_schedule(self) -> ParallelSpec:
         if self.stages_per_rank > 1 and self.schedule != "interleaved_1f1b":
             raise ValueError(f"stages_per_rank={self.stages_per_rank} needs schedule: interleaved_1f1b")
         return self
@@ -174,7 +174,7 @@ class PruneScheduleSpec(Section):
     ramp: Literal["cubic", "linear"] = Field(default="cubic", description="sparsity ramp from start to end")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "PruneScheduleSpec":
+    def _ordered(self) -> PruneScheduleSpec:
         if self.end_step < self.start_step:
             raise ValueError("end_step must not be before start_step")
         return self
@@ -189,7 +189,7 @@ class PruneSpec(Section):
     schedule: PruneScheduleSpec
 
     @model_validator(mode="after")
-    def _structured_is_per_layer(self) -> "PruneSpec":
+    def _structured_is_per_layer(self) -> PruneSpec:
         if self.method == "l1_structured" and self.scope == "global":
             raise ValueError("method l1_structured prunes whole rows per layer; use scope: per_layer")
         return self
@@ -203,7 +203,7 @@ class TeacherSpec(Section):
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TeacherSpec":
+    def _one_source(self) -> TeacherSpec:
         if self.target is None and self.checkpoint is None:
             raise ValueError("give target (+ kwargs), checkpoint, or both")
         return self

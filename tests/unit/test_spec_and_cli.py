@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+from pydantic import ValidationError
+
 from launcher.cli import main
 from launcher.plan import make_plan
 from launcher.spec import load_spec
@@ -19,12 +22,8 @@ def test_overrides_are_typed_by_the_schema(tmp_path):
 
 def test_spec_is_frozen(tmp_path):
     spec = load_spec(make_spec(tmp_path))
-    try:
+    with pytest.raises(ValidationError, match="frozen"):
         spec.optimizer.lr = 1.0  # type: ignore[misc]
-    except Exception as exc:  # pydantic raises ValidationError for frozen instances
-        assert "frozen" in str(exc)
-    else:
-        raise AssertionError("spec should be immutable")
 
 
 def test_schema_command_prints_json_schema(capsys):
