@@ -59,7 +59,7 @@ class DeepSpeedStrategy(DataParallelStrategy):
         # DeepSpeed calls torch's deprecated *_tensor collectives every step; the warning is not ours to fix.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+_tensor` is deprecated",
                                 category=FutureWarning)
-        self.module = build_model().to(self.device)  # seeded: identical on every rank before partitioning
+        self.module = self._build(build_model, deepspeed)
         optimizer = build_optimizer(self.module.parameters())
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.config,
                                                     dist_init_required=False)
@@ -68,6 +68,21 @@ class DeepSpeedStrategy(DataParallelStrategy):
         # The loop's LR schedule drives the torch optimizer; the engine's ZeRO optimizer shares its param groups.
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+
+    def _build(self, build_model: ModelFactory, deepspeed: Any) -> torch.nn.Module:
+        """Stage 3 partitions each submodule's parameters as soon as that submodule is built
+        (deepspeed.zero.Init), so no rank ever holds the whole model; stages 0-2 keep whole weights
+        on every rank anyway. Seeded identically on every rank, both builds hold the same values."""
+        if self.stage != 3:
+            return build_model().to(self.device)
+        from deepspeed.accelerator import get_accelerator
+
+        # zero.Init reads the world size from DeepSpeed's comm layer, which deepspeed.initialize would
+        # only set up later: hand it the process group now, the same call initialize makes.
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+        # mem_efficient_linear would swap torch.nn.functional.linear for DeepSpeed's, process-wide.
+        with deepspeed.zero.Init(config_dict_or_path=self.config, mem_efficient_linear=False):
+            return build_model()
 
     def forward_backward(self, micro_batches: Sequence[Batch], *, sync_grads: bool = True) -> torch.Tensor:
         if not sync_grads:

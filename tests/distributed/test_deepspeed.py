@@ -8,7 +8,9 @@ import torch
 
 from launcher.cli import main
 from launcher.metrics import read_metrics
-from tests.helpers import Planted, curve, final_params, launch_ok, make_spec, max_param_diff, meshyard, train_in_process
+from tests.fixtures.build_probe import launched_builds
+from tests.helpers import (BASE_SPEC, Planted, curve, final_params, launch_ok, make_spec, max_param_diff, meshyard,
+                           train_in_process)
 
 pytestmark = pytest.mark.distributed
 
@@ -33,9 +35,12 @@ def reference(tmp_path_factory):
 
 
 def _deepspeed_spec(tmp_path, optimizer: str, stage: int):
-    return make_spec(tmp_path, "ds", optimizer=OPTIMIZERS[optimizer][0], strategy={"name": "deepspeed", "stage": stage},
-                     data={**FULL_BATCH_DATA, "micro_batch_size": 4}, training={"grad_accum_steps": 3},
-                     resources={"procs_per_node": 2})
+    """The reference's model (built-in MLP) through a target that reports whether it was built partitioned."""
+    model = {"target": "tests.fixtures.build_probe:mlp_reporting_partitions",
+             "kwargs": {**BASE_SPEC["model"]["kwargs"], "report_dir": str(tmp_path)}}
+    return make_spec(tmp_path, "ds", model=model, optimizer=OPTIMIZERS[optimizer][0],
+                     strategy={"name": "deepspeed", "stage": stage}, data={**FULL_BATCH_DATA, "micro_batch_size": 4},
+                     training={"grad_accum_steps": 3}, resources={"procs_per_node": 2})
 
 
 def _assert_matches(ref_run, run, tol: float) -> None:
@@ -60,6 +65,9 @@ def test_sgd_matches_one_process(tmp_path, reference, stage, interrupted):
         assert "a DeepSpeed checkpoint from 2 processes resumes only at the same world size, not 1" in refused.stderr
     run = launch_ok(spec)
     _assert_matches(reference["sgd_momentum"], run, OPTIMIZERS["sgd_momentum"][1])
+    # Stage 3 builds under deepspeed.zero.Init: every parameter is a partition before the engine exists.
+    builds = launched_builds(tmp_path)  # 2 ranks, 1 or 2 launches
+    assert len(builds) == (4 if interrupted else 2) and all(build == [stage == 3] * 6 for build in builds)
 
 
 @pytest.mark.parametrize("stage,offload", [(2, "none"), (3, "cpu")])
