@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -96,7 +97,13 @@ def start_launch(spec_path: Path, *overrides: str, args: tuple[str, ...] = ()) -
     """`meshyard launch` in the background; stdout/stderr are read with .communicate()."""
     sets = [a for o in overrides for a in ("--set", o)]
     return subprocess.Popen([MESHYARD, "launch", str(spec_path), *sets, *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A shell without job control starts background commands with SIGINT ignored, and the ignore is
+    inherited: under `make test &` the Ctrl-C test's SIGINT would never reach the launcher."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_step(run: Path, step: int, timeout: float = 120.0) -> int:
