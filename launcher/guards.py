@@ -57,7 +57,8 @@ class StepAgreement:
       `period_s`: each vote also carries every rank's proposal for the number of steps until the
       next one (period / its recent step time) and all ranks take the smallest, so they vote at the
       same steps. A small collective costs ~0.5 ms on gloo, a few percent of a 20 ms step; paced,
-      it costs nothing measurable, and a SIGTERM is acted on within `period_s` plus two steps.
+      it costs nothing measurable, and a SIGTERM is acted on within about `period_s` (in steps at
+      the recent step rate) plus two steps.
     """
 
     def __init__(self, preemption: PreemptionFlag | None, period_s: float = VOTE_PERIOD_S) -> None:
