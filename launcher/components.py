@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,8 @@ from torch.utils.data import Dataset
 
 from launcher.imports import resolve
 from launcher.spec.schema import ComponentSpec, DataSpec, JobSpec
+from strategies.batch import BatchFeed
+from strategies.model_init import ModelRecipe
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -17,6 +20,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+MODEL_LOSS = "model"  # the loss the model returns itself
 BUILTIN_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": F.mse_loss,
     "cross_entropy": F.cross_entropy,
@@ -28,8 +32,24 @@ def check_targets(spec: JobSpec) -> None:
     """Fail before any process starts if a target does not import (raises SpecError)."""
     resolve(spec.model.target, "model.target")
     resolve(spec.data.target, "data.target")
-    if spec.loss not in BUILTIN_LOSSES:
+    if spec.data.collate is not None:
+        resolve(spec.data.collate, "data.collate")
+    if spec.loss not in (*BUILTIN_LOSSES, MODEL_LOSS):
         resolve(spec.loss, "loss")
+
+
+def batch_feed(spec: JobSpec) -> BatchFeed:
+    return BatchFeed(spec.data.feed, spec.data.target_key, spec.loss == MODEL_LOSS)
+
+
+def model_recipe(spec: JobSpec) -> ModelRecipe:
+    """How every strategy builds the model and sets its starting weights."""
+    return ModelRecipe(model_factory(spec.model), spec.model.init, spec.seed, spec.model.init_from)
+
+
+def build_collate(spec: DataSpec) -> Callable[[list[Any]], Any] | None:
+    """The user's collate function, or None for torch's default (tensors, tuples and dicts)."""
+    return resolve(spec.collate, "data.collate") if spec.collate is not None else None
 
 
 def model_factory(spec: ComponentSpec) -> Callable[[], nn.Module]:
@@ -56,7 +76,15 @@ def build_datasets(spec: DataSpec) -> tuple[Dataset, Dataset | None]:
 
 
 def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss function by name; with `loss: model` the strategies use the model's own loss (see
+    strategies/batch.py) and never call the function returned here."""
+    if name == MODEL_LOSS:
+        return _computed_by_the_model
     return BUILTIN_LOSSES.get(name) or resolve(name, "loss")
+
+
+def _computed_by_the_model(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("loss: model uses the loss the model returns; no loss function is called")
 
 
 def correct_predictions(output: torch.Tensor, targets: torch.Tensor) -> int | None:

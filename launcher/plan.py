@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,9 @@ from launcher.deepspeed_config import deepspeed_config
 from launcher.errors import PlanError
 from launcher.memory import theory_bytes_per_param
 from launcher.spec.schema import JobSpec, ParallelSpec
+from strategies.layers import find_layers
 from strategies.layout import MeshLayout, stage_block_ranges
+from strategies.model_init import INIT_HOOK
 
 ZERO_STAGES_AVAILABLE = (1, 2, 3)
 
@@ -37,6 +40,7 @@ class Plan:
     layout: MeshLayout | None = None  # set for the mesh strategy (tensor or pipeline degree > 1)
     deepspeed_config: dict[str, Any] | None = None  # the engine's config, when strategy is deepspeed
     model_state_theory: dict[str, float] = field(default_factory=dict)
+    threads_per_rank: int = 1  # OMP_NUM_THREADS each rank gets
     inferred: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:
@@ -45,6 +49,7 @@ class Plan:
             f"mesh             data {self.dp_degree} x tensor {self.tp_degree} x pipeline {self.pp_degree}",
             f"strategy         {self.strategy}" + (f" stage {self.zero_stage}" if self.zero_stage is not None else ""),
             f"device/backend   {self.device}/{self.backend}",
+            f"threads per rank {self.threads_per_rank} (OMP_NUM_THREADS)",
             f"global batch     {self.global_batch_size} = micro-batch {self.micro_batch_size}"
             f" x accumulation {self.grad_accum_steps} x data-parallel {self.dp_degree}",
         ]
@@ -108,6 +113,9 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         raise PlanError("compression with parallel.tensor or parallel.pipeline > 1 is not supported yet;"
                         " use data parallel (ddp or zero)")
     ds_config = _deepspeed_plan(spec, dp) if strategy == "deepspeed" else None
+    if spec.compression.distill is not None and (spec.data.feed != "positional" or spec.loss == "model"):
+        raise PlanError("compression.distill needs (input, target) samples and a loss function: data.feed=positional"
+                        " and a loss other than model")
 
     if spec.compression.prune is not None and strategy == "zero" and stage in (2, 3):
         raise PlanError(f"compression.prune with strategy zero stage {stage}: pruning sharded weights is not"
@@ -126,6 +134,7 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
             f"training.stop_at_step={spec.training.stop_at_step} is past training.max_steps={spec.training.max_steps}"
         )
 
+    threads = _threads_per_rank(res.procs_per_node, inferred)
     micro, accum = spec.data.micro_batch_size, spec.training.grad_accum_steps
     return Plan(
         world_size=world, nodes=res.nodes, procs_per_node=res.procs_per_node,
@@ -133,8 +142,18 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         device=device, backend=backend, micro_batch_size=micro, grad_accum_steps=accum,
         global_batch_size=micro * accum * dp, zero_stage=stage, layout=layout, deepspeed_config=ds_config,
         model_state_theory={} if strategy == "mesh" else theory_bytes_per_param(strategy, stage, dp, spec.optimizer),
-        inferred=tuple(inferred),
+        threads_per_rank=threads, inferred=tuple(inferred),
     )
+
+
+def _threads_per_rank(procs_per_node: int, inferred: list[str]) -> int:
+    """The user's OMP_NUM_THREADS if set; else this machine's cores shared by its ranks (at least 1)."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    threads = max(1, (os.cpu_count() or 1) // procs_per_node)
+    inferred.append(f"OMP_NUM_THREADS = {threads} (not set: {os.cpu_count()} cores / {procs_per_node} process(es) per node)")
+    return threads
 
 
 def _deepspeed_plan(spec: JobSpec, dp: int) -> dict[str, Any]:
@@ -145,6 +164,9 @@ def _deepspeed_plan(spec: JobSpec, dp: int) -> dict[str, Any]:
     if spec.compression.prune is not None:
         raise PlanError("compression.prune with strategy deepspeed: masks would bypass the engine's parameter"
                         " partitions; use ddp or zero stage 1")
+    if spec.model.init == "meta":
+        raise PlanError("model.init=meta with strategy deepspeed: deepspeed.zero.Init would partition each module"
+                        " before the init hook runs; use model.init: constructor")
     if spec.training.on_nonfinite == "skip":
         raise PlanError("training.on_nonfinite=skip with strategy deepspeed: the engine cannot drop an accumulated"
                         " window; use stop")
@@ -178,41 +200,84 @@ def _mesh_layout(spec: JobSpec, dp: int, inferred: list[str]) -> MeshLayout:
                             f" parallel.pipeline={par.pipeline}")
     return MeshLayout(dp_degree=dp, tp_degree=par.tensor, pp_degree=par.pipeline, schedule=par.schedule,
                       microbatches=microbatches, stages_per_rank=par.stages_per_rank if par.pipeline > 1 else 1,
-                      split_points=tuple(par.split_points) if par.pipeline > 1 else (), tp_plan=par.tp_plan)
+                      split_points=tuple(par.split_points) if par.pipeline > 1 else (), tp_plan=par.tp_plan,
+                      layers=spec.model.layers)
 
 
 def check_model_layout(spec: JobSpec, plan: Plan) -> None:
-    """Checks that need the model (built on the meta device: no memory, no init): enough blocks for
-    the pipeline stages, a tensor-parallel plan, attention heads divisible by the tensor degree."""
+    """Checks that need the model, built on the meta device (no memory, no init): the init hook of
+    `model.init: meta`, the repeated layers that FSDP wraps and pipeline stages split, the
+    tensor-parallel plan, attention heads divisible by the tensor degree."""
     layout = plan.layout
+    sharded = plan.strategy == "zero" and plan.zero_stage in (2, 3)
+    if layout is None and not sharded and spec.model.init == "constructor":
+        return
+    model = _meta_model(spec)
+    if spec.model.init == "meta" and not callable(getattr(model, INIT_HOOK, None)):
+        raise PlanError(f"model.init=meta: {type(model).__name__} ({spec.model.target}) declares no {INIT_HOOK}(module)"
+                        " hook to initialize a meta-built model; add one, or use model.init: constructor")
+    try:
+        layers = find_layers(model, spec.model.layers)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     if layout is None:
         return
+    if layout.pp_degree > 1:
+        _check_pipeline(spec, layout, layers)
+    if layout.tp_degree > 1:
+        _check_tensor_parallel(spec, layout, model)
+
+
+def _meta_model(spec: JobSpec) -> Any:
     import torch
 
     from launcher.components import model_factory
 
-    with torch.device("meta"):
-        model = model_factory(spec.model)()
-    if layout.pp_degree > 1:
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, torch.nn.ModuleList):
-            raise PlanError(f"parallel.pipeline={layout.pp_degree}: the model ({spec.model.target}) keeps no"
-                            " repeated layers in `self.blocks` (an nn.ModuleList), which pipeline stages split")
-        try:
-            stage_block_ranges(len(blocks), layout.num_stages, layout.split_points)
-        except ValueError as exc:
-            raise PlanError(str(exc)) from None
-    if layout.tp_degree > 1:
-        if layout.tp_plan is None and not getattr(model, "tp_plan", None):
-            raise PlanError(f"parallel.tensor={layout.tp_degree}: the model ({spec.model.target}) declares no"
-                            " tp_plan; give parallel.tp_plan (module path -> colwise|rowwise)")
-        from strategies.tensor_parallel import resolve_tp_plan, tp_targets
+    try:
+        with torch.device("meta"):
+            return model_factory(spec.model)()
+    except Exception as exc:  # a constructor that cannot run on the meta device
+        raise PlanError(f"model.target={spec.model.target}: building it on the meta device (to check the layout"
+                        f" before launch) failed: {type(exc).__name__}: {exc}") from None
 
-        targets = tp_targets(model, resolve_tp_plan(model, layout.tp_plan))
-        if not any(isinstance(model.get_submodule(name), torch.nn.Linear) for name in targets):
-            raise PlanError(f"parallel.tensor={layout.tp_degree}: the tensor-parallel plan matches no nn.Linear of"
-                            f" the model ({spec.model.target}); plan patterns are module paths such as blocks.*.fc1")
-        heads = getattr(model, "n_heads", None)
-        if heads is not None and heads % layout.tp_degree:
-            raise PlanError(f"parallel.tensor={layout.tp_degree} does not divide the model's {heads} attention"
-                            f" heads ({spec.model.target}); use a divisor of {heads}")
+
+def _check_pipeline(spec: JobSpec, layout: MeshLayout, layers: tuple[str, Any] | None) -> None:
+    if layers is None:
+        raise PlanError(f"parallel.pipeline={layout.pp_degree}: the model ({spec.model.target}) has no list of repeated"
+                        " layers (an nn.ModuleList) for pipeline stages to split; name it with model.layers")
+    path, blocks = layers
+    if "." in path:
+        raise PlanError(f"parallel.pipeline={layout.pp_degree}: the layer list {path} is nested; pipeline stages need"
+                        " it as a direct child of the model (whose forward skips modules set to None)")
+    if spec.loss == "model":
+        raise PlanError(f"loss=model with parallel.pipeline={layout.pp_degree}: the last stage does not see the"
+                        " batch's labels; name a loss function (e.g. token_cross_entropy)")
+    try:
+        stage_block_ranges(len(blocks), layout.num_stages, layout.split_points, path)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+
+
+def _check_tensor_parallel(spec: JobSpec, layout: MeshLayout, model: Any) -> None:
+    import torch
+
+    from strategies.tensor_parallel import resolve_tp_plan, tp_targets
+
+    if layout.tp_plan is None and not getattr(model, "tp_plan", None):
+        raise PlanError(f"parallel.tensor={layout.tp_degree}: the model ({spec.model.target}) declares no"
+                        " tp_plan; give parallel.tp_plan (module path -> colwise|rowwise)")
+    targets = tp_targets(model, resolve_tp_plan(model, layout.tp_plan))
+    if not targets:
+        raise PlanError(f"parallel.tensor={layout.tp_degree}: the tensor-parallel plan matches no nn.Linear of"
+                        f" the model ({spec.model.target}); plan patterns are module paths such as blocks.*.fc1")
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, torch.nn.Linear):
+            raise PlanError(f"parallel.tensor={layout.tp_degree}: {name} is a {type(module).__name__}; tensor"
+                            " parallel shards nn.Linear layers only (GPT-2's Conv1D stores its weight transposed)")
+    heads = getattr(model, "n_heads", None) or getattr(getattr(model, "config", None), "num_attention_heads", None)
+    kv_heads = getattr(getattr(model, "config", None), "num_key_value_heads", None)
+    for what, count in (("attention heads", heads), ("key/value heads", kv_heads)):
+        if isinstance(count, int) and count % layout.tp_degree:
+            raise PlanError(f"parallel.tensor={layout.tp_degree} does not divide the model's {count} {what}"
+                            f" ({spec.model.target}); use a divisor of {count}")

@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 
 from launcher.checkpoint import Checkpointer, find_latest, read_manifest
-from launcher.components import build_datasets, build_loss, correct_predictions, model_factory
+from launcher.components import batch_feed, build_collate, build_datasets, build_loss, model_recipe
 from launcher.compression.hooks import Compression
+from launcher.evaluation import evaluate_split
 from launcher.guards import NonFiniteError, PreemptionFlag, StepAgreement
 from launcher.heartbeat import Heartbeat
 from launcher.memory import model_state_bytes, peak_rss_bytes
@@ -67,11 +68,13 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
            heartbeat: Heartbeat, started: float, clock: StartupClock, exchange: CheckpointExchange) -> dict[str, Any]:
     device = _device(plan, ranks.local_rank)
     seed_all(spec.seed)  # identical initial weights on every rank
+    feed = batch_feed(spec)
     strategy = build_strategy(plan.strategy, device, spec.training.precision, plan.zero_stage, plan.deepspeed_config,
-                              plan.layout)
+                              plan.layout, feed, spec.model.layers, spec.strategy.find_unused_parameters,
+                              spec.strategy.static_graph)
     task_loss = build_loss(spec.loss)
     compression = Compression(spec.compression, device)
-    strategy.setup(model_factory(spec.model), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
+    strategy.setup(model_recipe(spec), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
     compression.attach(strategy)
     scheduler = build_scheduler(strategy.optimizer, spec.schedule, spec.training.max_steps)
     clock.mark("model_build")
@@ -93,15 +96,16 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     end_step = training.stop_at_step or training.max_steps
     layout = BatchLayout(len(train_set), spec.data.micro_batch_size, training.grad_accum_steps,
                          strategy.dp_rank, strategy.dp_size, spec.seed, spec.data.shuffle)
+    collate = build_collate(spec.data)
     loader = DataLoader(train_set, batch_sampler=StepBatchSampler(layout, start_step, end_step),
-                        num_workers=spec.data.num_workers)
+                        num_workers=spec.data.num_workers, collate_fn=collate)
     batches = iter(loader)
     logger = MetricsLogger(run_dir, strategy.is_logging_rank, start_step, training.max_steps)
     if resume_from is not None:
         logger.say(f"resumed from {resume_from} at step {start_step}")
 
     def evaluate() -> dict[str, float]:
-        return _evaluate(strategy, eval_set, spec.data.micro_batch_size, task_loss)
+        return evaluate_split(strategy, eval_set, spec.data.micro_batch_size, task_loss, feed, collate)
 
     record: dict[str, Any] = {}
     agreement = StepAgreement(preemption)
@@ -165,7 +169,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     summary = {
         "name": spec.name, "steps": step, "max_steps": training.max_steps, "preempted": preempted,
         "final_loss": record.get("loss"), "eval_loss": record.get("eval_loss"),
-        "eval_accuracy": record.get("eval_accuracy"),
+        "eval_accuracy": record.get("eval_accuracy"), "eval_perplexity": record.get("eval_perplexity"),
         "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size,
         "wall_s": time.perf_counter() - started, "startup_s": clock.phases,
         "checkpoint": str(find_latest(run_dir / "checkpoints")),
@@ -234,25 +238,3 @@ def _rank_state(step: int, scheduler: Any, compression: Compression) -> dict[str
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     return {"step": step, "scheduler": sched, "rng": capture_rng(), "compression": compression.state_dict()}
 
-
-def _evaluate(strategy: Strategy, eval_set: Dataset, batch_size: int, loss_fn: Any) -> dict[str, float]:
-    """Mean task loss (and accuracy, for class labels) over the whole eval split.
-
-    Each data-parallel rank scores a strided share; sums are reduced over the dp group.
-    """
-    shard = Subset(eval_set, range(strategy.dp_rank, len(eval_set), strategy.dp_size))
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    classify = False
-    for inputs, targets in DataLoader(shard, batch_size=batch_size):
-        output = strategy.evaluate(inputs).cpu()
-        totals[0] += loss_fn(output, targets).double() * len(inputs)
-        correct = correct_predictions(output, targets)
-        if correct is not None:
-            classify = True
-            totals[1] += correct
-        totals[2] += len(inputs)
-    totals = strategy.reduce_sum(totals)
-    metrics = {"eval_loss": (totals[0] / totals[2]).item()}
-    if classify:
-        metrics["eval_accuracy"] = (totals[1] / totals[2]).item()
-    return metrics

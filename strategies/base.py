@@ -14,10 +14,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-ModelFactory = Callable[[], nn.Module]
+from strategies.batch import LossFn
+from strategies.model_init import ModelRecipe
+
+Batch = Any  # what the DataLoader collates: see strategies/batch.py for the contract
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class NativeCheckpoint(Protocol):
@@ -49,8 +50,9 @@ class Strategy(Protocol):
     local_optimizer_state: dict[Any, dict[str, Any]]  # the state this rank stores (for memory accounting)
     native_checkpoint: NativeCheckpoint | None  # None: the strategy is DCPStateful, checkpoints are DCP
 
-    def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
-        """Build model and optimizer in ONE call: sharding strategies own both together."""
+    def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
+        """Build model and optimizer in ONE call: sharding strategies own both together. The model
+        starts from exactly the weights the recipe gives (strategies/model_init.py)."""
 
     def forward_backward(self, micro_batches: Sequence[Batch], *, sync_grads: bool = True) -> torch.Tensor:
         """Accumulate gradients of the window's mean loss; return that loss (this rank's, detached).
@@ -74,8 +76,8 @@ class Strategy(Protocol):
     def discard_grads(self) -> None:
         """Drop this window's gradients without stepping (a skipped non-finite update)."""
 
-    def evaluate(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The model's output for one eval batch (eval mode, no gradients); metrics are the loop's job."""
+    def evaluate(self, batch: Batch) -> Any:
+        """What the model returns for one eval batch (eval mode, no gradients); metrics are the loop's job."""
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Average a scalar over the data-parallel group (every rank gets the result)."""

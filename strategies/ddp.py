@@ -11,17 +11,22 @@ from torch.nn.parallel import DistributedDataParallel
 from strategies.data_parallel import DataParallelStrategy
 
 
-def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+def apply_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False,
+              static_graph: bool = False) -> DistributedDataParallel:
     """Wrap `model` for data parallelism over the default process group."""
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters,
+                                   static_graph=static_graph)
 
 
 class DDPStrategy(DataParallelStrategy):
     """Every rank holds the whole model; ranks see disjoint slices of each global batch."""
 
+    find_unused_parameters = False  # set from strategy.find_unused_parameters / static_graph by build_strategy
+    static_graph = False
+
     def _wrap(self, model: nn.Module) -> nn.Module:
-        return apply_ddp(model, self.device)
+        return apply_ddp(model, self.device, self.find_unused_parameters, self.static_graph)
 
     def _skip_grad_sync(self) -> contextlib.AbstractContextManager[Any]:
         # Gradients of non-final micro-batches stay local; the last backward all-reduces the sum.

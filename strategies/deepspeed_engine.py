@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from strategies.base import Batch, LossFn, ModelFactory, OptimizerFactory
+from strategies.base import Batch, LossFn, OptimizerFactory
+from strategies.batch import BatchFeed, to_device, tree_map
 from strategies.data_parallel import DataParallelStrategy
 from strategies.deepspeed_checkpoint import DeepSpeedCheckpoint, weights_only_checkpoint_engine
 from strategies.grads import add_l1_l2_to_pairs_, clip_grad_norm_
-from strategies.single import to_device
+from strategies.model_init import ModelRecipe
 
 
 def skip_shared_memory_comm_build() -> None:
@@ -43,14 +44,14 @@ def skip_shared_memory_comm_build() -> None:
 
 
 class DeepSpeedStrategy(DataParallelStrategy):
-    def __init__(self, device: torch.device, precision: str, config: dict[str, Any]) -> None:
-        super().__init__(device, precision)
+    def __init__(self, device: torch.device, precision: str, config: dict[str, Any], feed: BatchFeed = BatchFeed()) -> None:
+        super().__init__(device, precision, feed)
         self.config = config
         self.stage: int = config["zero_optimization"]["stage"]
         self.input_dtype = torch.bfloat16 if config["bf16"]["enabled"] else None
         self.native_checkpoint = DeepSpeedCheckpoint(self)
 
-    def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
+    def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         # DeepSpeed picks its accelerator at import; on a machine with no GPU it must be told "cpu".
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
         import deepspeed
@@ -59,7 +60,11 @@ class DeepSpeedStrategy(DataParallelStrategy):
         # DeepSpeed calls torch's deprecated *_tensor collectives every step; the warning is not ours to fix.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+_tensor` is deprecated",
                                 category=FutureWarning)
-        self.module = self._build(build_model, deepspeed)
+        # Every stage starts from the constructor's whole model; the engine partitions it (stage 3)
+        # in initialize. deepspeed.zero.Init is not used: it partitions each submodule as soon as it
+        # is built, so a constructor that writes into parameters afterwards (HF post_init, nanoGPT's
+        # _init_weights, a kaiming loop) would silently write into empty partitions.
+        self.module = recipe.full().to(self.device)
         optimizer = build_optimizer(self.module.parameters())
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.config,
                                                     dist_init_required=False)
@@ -68,21 +73,6 @@ class DeepSpeedStrategy(DataParallelStrategy):
         # The loop's LR schedule drives the torch optimizer; the engine's ZeRO optimizer shares its param groups.
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-
-    def _build(self, build_model: ModelFactory, deepspeed: Any) -> torch.nn.Module:
-        """Stage 3 partitions each submodule's parameters as soon as that submodule is built
-        (deepspeed.zero.Init), so no rank ever holds the whole model; stages 0-2 keep whole weights
-        on every rank anyway. Seeded identically on every rank, both builds hold the same values."""
-        if self.stage != 3:
-            return build_model().to(self.device)
-        from deepspeed.accelerator import get_accelerator
-
-        # zero.Init reads the world size from DeepSpeed's comm layer, which deepspeed.initialize would
-        # only set up later: hand it the process group now, the same call initialize makes.
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
-        # mem_efficient_linear would swap torch.nn.functional.linear for DeepSpeed's, process-wide.
-        with deepspeed.zero.Init(config_dict_or_path=self.config, mem_efficient_linear=False):
-            return build_model()
 
     def forward_backward(self, micro_batches: Sequence[Batch], *, sync_grads: bool = True) -> torch.Tensor:
         if not sync_grads:
@@ -127,14 +117,17 @@ class DeepSpeedStrategy(DataParallelStrategy):
         inner = getattr(zero_optimizer, "optimizer", zero_optimizer)  # ZeRO wraps the torch optimizer
         return inner.state
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.input_dtype is not None and inputs.is_floating_point():
-            inputs = inputs.to(self.input_dtype)  # the engine holds bf16 weights
-        return self.engine(inputs)
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_dtype is not None:  # the engine holds bf16 weights
+            args, kwargs = tree_map(self._to_input_dtype, (args, kwargs))
+        return self.engine(*args, **kwargs)
+
+    def _to_input_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.input_dtype) if tensor.is_floating_point() else tensor
 
     def _loss(self, batch: Batch) -> torch.Tensor:
-        inputs, targets = to_device(batch, self.device)
-        return self.loss_fn(self._forward(inputs).float(), targets)
+        args, kwargs, target = self.feed.split(to_device(batch, self.device))
+        return self.feed.loss(self._forward(*args, **kwargs), target, self.loss_fn)
 
     # (weight, gradient) pairs for the L1/L2 transform. Each pair's gradient is written back to the
     # engine when the consumer moves on to the next pair (i.e. after it has been transformed).

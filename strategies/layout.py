@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-BLOCK_PATH = re.compile(r"^blocks\.(\d+)$")
-
 
 @dataclass(frozen=True)
 class MeshLayout:
@@ -21,6 +19,7 @@ class MeshLayout:
     stages_per_rank: int = 1
     split_points: tuple[str, ...] = ()
     tp_plan: dict[str, str] | None = field(default=None, hash=False)
+    layers: str | None = None  # module path of the repeated layers (model.layers); None = found by looking
 
     @property
     def num_stages(self) -> int:
@@ -31,22 +30,24 @@ class MeshLayout:
         return [pp_rank + k * self.pp_degree for k in range(self.stages_per_rank)]
 
 
-def stage_block_ranges(num_blocks: int, num_stages: int, split_points: tuple[str, ...] = ()) -> list[range]:
-    """The `model.blocks` indices of each stage; ValueError (naming the setting) when impossible.
+def stage_block_ranges(num_blocks: int, num_stages: int, split_points: tuple[str, ...] = (),
+                       layers_path: str = "blocks") -> list[range]:
+    """The layer indices of each stage; ValueError (naming the setting) when impossible.
 
     With no split points the blocks are split evenly, the first stages taking one extra block
     when the division is not exact.
     """
     if split_points:
         starts = []
+        block_path = re.compile(rf"^{re.escape(layers_path)}\.(\d+)$")
         for path in split_points:
-            match = BLOCK_PATH.match(path)
+            match = block_path.match(path)
             if match is None:
-                raise ValueError(f"parallel.split_points: {path!r} is not a block path; expected blocks.<index>")
+                raise ValueError(f"parallel.split_points: {path!r} is not a layer path; expected {layers_path}.<index>")
             starts.append(int(match.group(1)))
         if starts != sorted(set(starts)) or starts[0] <= 0 or starts[-1] >= num_blocks:
             raise ValueError(f"parallel.split_points: {list(split_points)} must be increasing block paths between"
-                             f" blocks.1 and blocks.{num_blocks - 1} (the model has {num_blocks} blocks)")
+                             f" {layers_path}.1 and {layers_path}.{num_blocks - 1} (the model has {num_blocks} layers)")
         if len(starts) + 1 != num_stages:
             raise ValueError(f"parallel.split_points: {len(starts)} split points make {len(starts) + 1} stages, but"
                              f" pipeline x stages_per_rank = {num_stages}; give {num_stages - 1} split points")
@@ -54,7 +55,7 @@ def stage_block_ranges(num_blocks: int, num_stages: int, split_points: tuple[str
         return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     if num_stages > num_blocks:
         raise ValueError(f"parallel: pipeline x stages_per_rank = {num_stages} stages, but the model has only"
-                         f" {num_blocks} blocks (model.blocks); lower parallel.pipeline or parallel.stages_per_rank")
+                         f" {num_blocks} layers ({layers_path}); lower parallel.pipeline or parallel.stages_per_rank")
     size, extra = divmod(num_blocks, num_stages)
     ranges, start = [], 0
     for stage in range(num_stages):

@@ -21,20 +21,22 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import _init_optim_state, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
-from strategies.base import Batch, LossFn, ModelFactory, OptimizerFactory
+from strategies.base import Batch, LossFn, OptimizerFactory
+from strategies.batch import BatchFeed, to_device, tree_map
 from strategies.grads import local
+from strategies.layers import find_layers
 from strategies.layout import MeshLayout
-from strategies.meta_init import init_module_by_module
+from strategies.model_init import ModelRecipe
 from strategies.pipeline import build_schedule, pipeline_split
-from strategies.single import SingleProcessStrategy, to_device
+from strategies.single import SingleProcessStrategy
 from strategies.tensor_parallel import apply_tp, resolve_tp_plan
 
 AXES = ("pp", "dp", "tp")
 
 
 class MeshStrategy(SingleProcessStrategy):
-    def __init__(self, device: torch.device, precision: str, layout: MeshLayout) -> None:
-        super().__init__(device, precision)
+    def __init__(self, device: torch.device, precision: str, layout: MeshLayout, feed: BatchFeed = BatchFeed()) -> None:
+        super().__init__(device, precision, feed)
         self.layout = layout
         self.mesh = init_device_mesh(device.type, (layout.pp_degree, layout.dp_degree, layout.tp_degree),
                                      mesh_dim_names=AXES)
@@ -48,15 +50,20 @@ class MeshStrategy(SingleProcessStrategy):
         self._loss_scale = 1.0
 
     # -- setup -----------------------------------------------------------------------------------
-    def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
-        with torch.device("meta"):
-            model = build_model()
+    def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
+        # The whole model with its constructor's weights (or, with model.init meta, its skeleton).
+        model = recipe.skeleton() if recipe.init == "meta" else recipe.full()
         self._all_param_names = [name for name, _ in model.named_parameters()]
-        owner, stages = pipeline_split(model, self.layout, self.pp_rank) if self.layout.pp_degree > 1 else (model, [model])
-        # Walk the whole model so the random draws match one process; keep only this rank's stages.
-        mine = {id(module) for module in owner.modules()}
-        for _ in init_module_by_module(model, keep=lambda module: id(module) in mine):
-            pass
+        if self.layout.pp_degree > 1:
+            layers = find_layers(model, self.layout.layers)
+            owner, stages = pipeline_split(model, self.layout, self.pp_rank, layers[0] if layers else "blocks")
+        else:
+            owner, stages = model, [model]
+        if recipe.init == "meta":
+            # Walk the whole model so the random draws match one process; keep only this rank's stages.
+            mine = {id(module) for module in owner.modules()}
+            for _ in recipe.materialize(model, keep=lambda module: id(module) in mine):
+                pass
         if self.layout.tp_degree > 1:
             apply_tp(owner, self.mesh["tp"], resolve_tp_plan(model, self.layout.tp_plan))
         self.module = self.model = owner.to(self.device)
@@ -83,20 +90,22 @@ class MeshStrategy(SingleProcessStrategy):
 
     def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # The schedule backpropagates each pipeline micro-batch's loss as returned here.
-        return self.loss_fn(output.float(), target) * self._loss_scale
+        return self.feed.loss(output, target, self.loss_fn) * self._loss_scale
 
     def _pipeline_window(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         """Mean loss of the window, known on every pipeline rank (only the last stage computes it)."""
         self._loss_scale = 1.0 / (self.layout.microbatches * len(micro_batches))
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            inputs, targets = to_device(batch, self.device)
+            args, kwargs, target = self.feed.split(to_device(batch, self.device))
             losses: list[torch.Tensor] = []
+            # Only the first stage takes the inputs (every tensor leaf is split into pipeline micro-batches).
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                 enabled=self.autocast_dtype is not None):
-                self.schedule.step(*((inputs,) if self.has_first_stage else ()),
-                                   target=targets if self.has_last_stage else None,
-                                   losses=losses if self.has_last_stage else None, return_outputs=False)
+                self.schedule.step(*(args if self.has_first_stage else ()),
+                                   target=target if self.has_last_stage else None,
+                                   losses=losses if self.has_last_stage else None, return_outputs=False,
+                                   **(kwargs if self.has_first_stage else {}))
             total += sum((loss.detach().float() for loss in losses), torch.zeros((), device=self.device))
         dist.all_reduce(total, group=self.groups["pp"])  # zero everywhere but on the last stage
         return total
@@ -127,19 +136,20 @@ class MeshStrategy(SingleProcessStrategy):
 
     # -- evaluation and reductions ---------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, batch: Batch) -> Any:
         if self.layout.pp_degree == 1:
-            return super().evaluate(inputs)
+            return super().evaluate(batch)
+        args, kwargs, _ = self.feed.split(to_device(batch, self.device))
         self.module.eval()
         try:
             # A one-micro-batch schedule of fresh stages: buffers are sized per call, so any eval batch fits.
             forward_only = "gpipe" if self.layout.stages_per_rank == 1 else "interleaved_1f1b"
             schedule = build_schedule(self.layout, self.stages, self.pp_rank, self.device, self.groups["pp"],
                                       None, 1, schedule=forward_only)
-            output = schedule.eval(*((inputs.to(self.device),) if self.has_first_stage else ()))
+            output = schedule.eval(*(args if self.has_first_stage else ()), **(kwargs if self.has_first_stage else {}))
         finally:
             self.module.train()
-        box = [output.float().cpu() if self.has_last_stage else None]
+        box = [tree_map(lambda tensor: tensor.float().cpu(), output) if self.has_last_stage else None]
         dist.broadcast_object_list(box, group=self.groups["pp"], group_src=self.layout.pp_degree - 1)
         return box[0]
 

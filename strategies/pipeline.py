@@ -1,9 +1,11 @@
-"""Pipeline parallel: cut the model into stages at its blocks and build a torch.distributed.pipelining schedule.
+"""Pipeline parallel: cut the model into stages at its layers and build a torch.distributed.pipelining schedule.
 
 A rank's stages are views of one `owner` module that holds every parameter the rank keeps under
 its whole-model name (so checkpoints, optimizer state and clipping see ordinary parameter names).
-Each view shares the owner's submodules but keeps only its own blocks; top-level modules
-registered before `model.blocks` belong to the first stage, those after it to the last.
+Each view shares the owner's submodules but keeps only its own layers; top-level modules
+registered before the layer list belong to the first stage, those after it to the last, and the
+others are set to None, so the model's forward must skip a module that is None (see
+launcher/models.py). The layer list must be a direct child of the model.
 """
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ class StageBlocks(nn.Module):
         return len(self._modules)
 
 
-def _view(source: nn.Module, blocks: nn.Module, blocks_kept: list[int], first: bool, last: bool) -> nn.Module:
+def _view(source: nn.Module, layers_name: str, blocks: nn.Module, blocks_kept: list[int], first: bool,
+          last: bool) -> nn.Module:
     """A shallow copy of `source` sharing its submodules, with only `blocks_kept` and the ends it owns."""
     view = copy.copy(source)
     view._modules, view._parameters, view._buffers = dict(source._modules), dict(source._parameters), dict(source._buffers)
     names = list(source._modules)
-    position = names.index("blocks")
-    view.blocks = StageBlocks({i: blocks[i] for i in blocks_kept})
+    position = names.index(layers_name)
+    setattr(view, layers_name, StageBlocks({i: blocks[i] for i in blocks_kept}))
     for name in names[:position] if not first else []:
         setattr(view, name, None)
     for name in names[position + 1:] if not last else []:
@@ -48,19 +51,20 @@ def _view(source: nn.Module, blocks: nn.Module, blocks_kept: list[int], first: b
     return view
 
 
-def pipeline_split(model: nn.Module, layout: MeshLayout, pp_rank: int) -> tuple[nn.Module, list[nn.Module]]:
+def pipeline_split(model: nn.Module, layout: MeshLayout, pp_rank: int,
+                   layers_name: str = "blocks") -> tuple[nn.Module, list[nn.Module]]:
     """(owner, stage modules) of pipeline rank `pp_rank`; the stage modules share the owner's parameters."""
     if model._parameters or model._buffers:
         raise TypeError(f"{type(model).__name__} holds parameters or buffers directly on the root module; pipeline"
                         " parallel assigns whole submodules to stages, so move them into a submodule")
-    blocks = model.blocks
-    ranges = stage_block_ranges(len(blocks), layout.num_stages, layout.split_points)
+    blocks = model.get_submodule(layers_name)
+    ranges = stage_block_ranges(len(blocks), layout.num_stages, layout.split_points, layers_name)
     local = layout.stage_indices(pp_rank)
     last = layout.num_stages - 1
 
     def view_of(source: nn.Module, stages: list[int]) -> nn.Module:
         kept = [i for s in stages for i in ranges[s]]
-        return _view(source, blocks, kept, first=0 in stages, last=last in stages)
+        return _view(source, layers_name, blocks, kept, first=0 in stages, last=last in stages)
 
     owner = view_of(model, local)
     stages = [view_of(owner, [s]) for s in local] if len(local) > 1 else [owner]

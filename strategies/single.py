@@ -8,15 +8,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from strategies.base import Batch, LossFn, ModelFactory, OptimizerFactory
+from strategies.base import Batch, LossFn, OptimizerFactory
+from strategies.batch import BatchFeed, to_device
 from strategies.grads import add_l1_l2_, clip_grad_norm_
+from strategies.model_init import ModelRecipe
 
 
 class SingleProcessStrategy:
     """Plain training. Subclasses change how the model is wrapped and how gradient sync is skipped."""
 
-    def __init__(self, device: torch.device, precision: str) -> None:
+    def __init__(self, device: torch.device, precision: str, feed: BatchFeed = BatchFeed()) -> None:
         self.device = device
+        self.feed = feed
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.dp_rank, self.dp_size = 0, 1
         self.is_logging_rank = True
@@ -33,8 +36,8 @@ class SingleProcessStrategy:
         return None  # parameters are whole on every rank: local sums are global sums
 
     # -- Strategy --------------------------------------------------------------------------------
-    def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
-        self.module = build_model().to(self.device)
+    def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
+        self.module = recipe.full().to(self.device)
         self.model = self._wrap(self.module)
         self.optimizer = build_optimizer(self.module.parameters())
         self.loss_fn = loss_fn
@@ -66,10 +69,11 @@ class SingleProcessStrategy:
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, batch: Batch) -> Any:
         self.model.eval()
         try:
-            return self._forward(inputs.to(self.device)).float()
+            args, kwargs, _ = self.feed.split(to_device(batch, self.device))
+            return self._forward(*args, **kwargs)
         finally:
             self.model.train()
 
@@ -94,13 +98,13 @@ class SingleProcessStrategy:
         pass  # plain torch objects: nothing outlives the process group
 
     def _loss(self, batch: Batch) -> torch.Tensor:
-        inputs, targets = to_device(batch, self.device)
-        return self.loss_fn(self._forward(inputs).float(), targets)
+        args, kwargs, target = self.feed.split(to_device(batch, self.device))
+        return self.feed.loss(self._forward(*args, **kwargs), target, self.loss_fn)
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            return self.model(inputs)
+            return self.model(*args, **kwargs)
 
     @property
     def model_parts(self) -> list[nn.Module]:
@@ -110,9 +114,3 @@ class SingleProcessStrategy:
     def local_optimizer_state(self) -> dict[Any, dict[str, Any]]:
         return self.optimizer.state
 
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """Move a tensor, or nested tuples/lists of them (e.g. labels + teacher logits), to `device`."""
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    return value.to(device, non_blocking=True)

@@ -15,13 +15,14 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import _init_optim_state, get_model_state_dict, set_model_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from strategies.base import LossFn, ModelFactory, OptimizerFactory
+from strategies.base import LossFn, OptimizerFactory
 from strategies.ddp import DDPStrategy
+from strategies.model_init import ModelRecipe
 
 
 class ZeroOneStrategy(DDPStrategy):
-    def setup(self, build_model: ModelFactory, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
-        self.module = build_model().to(self.device)
+    def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
+        self.module = recipe.full().to(self.device)
         self.model = self._wrap(self.module)
         # The factory tells which class and hyper-parameters to shard; ZeRO builds the local copy.
         template = build_optimizer([nn.Parameter(torch.zeros(1))])

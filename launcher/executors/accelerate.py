@@ -91,7 +91,7 @@ class AccelerateExecutor:
             host, _, port = options.rdzv_endpoint.rpartition(":")
             argv += ("--main_process_ip", host, "--main_process_port", port)
         argv += worker
-        env = {**rank_threads(plan.procs_per_node), "PET_LOG_DIR": str(job.run_dir / "logs")}  # torchrun's --log-dir
+        env = {**rank_threads(plan.threads_per_rank), "PET_LOG_DIR": str(job.run_dir / "logs")}  # torchrun's --log-dir
         if plan.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "1"
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank",

@@ -1,6 +1,11 @@
 """Local executor: torch's elastic agent (torchrun) on this machine.
 
-One node: standalone rendezvous on a free port. Several nodes (`--nnodes N --node-rank R
+One node: a c10d rendezvous on 127.0.0.1 (port 0: the agent's store takes a free port itself, so
+there is no window between picking and binding it), the agent's address 127.0.0.1 (MASTER_ADDR)
+and gloo/NCCL on the loopback interface; the launcher's fork binds those stores to 127.0.0.1
+(launcher/executors/agent.py), so nothing of a single-node run listens beyond this machine.
+(torchrun's `--standalone` is the same rendezvous on `localhost:0`, listening on every interface.)
+Several nodes (`--nnodes N --node-rank R
 --rdzv-endpoint HOST:PORT`): one launcher per node, all meeting at a c10d rendezvous; every node's
 run directory must be the same shared directory (checkpoints are written by all ranks).
 """
@@ -14,12 +19,16 @@ from launcher.executors.process import run_process_tree
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
 from launcher.heartbeat import HEARTBEAT_DIR
 
+LOOPBACK = "127.0.0.1"
+SHUTDOWN_TIMEOUT_S = 10  # SIGTERM -> SIGKILL of the ranks when the agent stops (default 30)
+
 
 def worker_command(job: Job, options: LaunchOptions) -> tuple[tuple[str, ...], str]:
-    """The per-rank entry point and the marker that finds this node's processes.
+    """The per-rank entry point and the run (and node) it names, for people reading `ps`.
 
-    With several launchers on one machine (a multi-node test) each node's processes carry their
-    own node rank, so one launcher's cleanup never reaches another's ranks.
+    Processes are never found by their command line: a launcher's cleanup finds its own by launch
+    token and descent (launcher/procs.py), so launchers of several nodes on one machine, or a
+    user's `tail -f <run>/spec.json`, are never touched.
     """
     argv: tuple[str, ...] = ("-m", "launcher.worker", str(job.spec_path))
     if job.plan.nodes == 1:
@@ -30,7 +39,8 @@ def worker_command(job: Job, options: LaunchOptions) -> tuple[tuple[str, ...], s
 
 def rendezvous_args(job: Job, options: LaunchOptions) -> tuple[str, ...]:
     if job.plan.nodes == 1:
-        return ("--standalone", "--nnodes=1")
+        return ("--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={LOOPBACK}:0", f"--rdzv-id={job.name}",
+                f"--local-addr={LOOPBACK}")
     if not options.rdzv_endpoint:
         raise UserError(f"resources.nodes={job.plan.nodes}: a multi-node launch needs --rdzv-endpoint HOST:PORT"
                         " (the c10d rendezvous every node's launcher joins)")
@@ -40,9 +50,16 @@ def rendezvous_args(job: Job, options: LaunchOptions) -> tuple[str, ...]:
             f"--rdzv-endpoint={options.rdzv_endpoint}", f"--rdzv-id={job.name}")
 
 
-def rank_threads(procs_per_node: int) -> dict[str, str]:
-    """torchrun would set 1 thread per rank with a warning; say it explicitly instead."""
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // procs_per_node)), "PYTHONUNBUFFERED": "1"}
+def rank_threads(threads_per_rank: int) -> dict[str, str]:
+    """torchrun would set 1 thread per rank with a warning; the plan's choice (the user's
+    OMP_NUM_THREADS, else cores / local processes) instead."""
+    return {"OMP_NUM_THREADS": str(threads_per_rank), "PYTHONUNBUFFERED": "1"}
+
+
+def loopback_collectives(nodes: int) -> dict[str, str]:
+    """One node: the ranks' gloo/NCCL sockets on the loopback interface (by default gloo binds the
+    address the host name resolves to, which may be a public one)."""
+    return {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"} if nodes == 1 else {}
 
 
 class LocalExecutor:
@@ -53,10 +70,12 @@ class LocalExecutor:
         argv = (
             sys.executable, "-m", "torch.distributed.run", *rendezvous_args(job, options),
             f"--nproc-per-node={job.plan.procs_per_node}", f"--max-restarts={job.max_restarts}",
-            "--monitor-interval=0.5", f"--log-dir={job.run_dir / 'logs'}", *worker,
+            "--monitor-interval=0.5", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", f"--log-dir={job.run_dir / 'logs'}",
+            *worker,
         )
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank"}
-        return LaunchRequest(executor=self.name, argv=argv, env=rank_threads(job.plan.procs_per_node), files=files,
+        return LaunchRequest(executor=self.name, argv=argv, files=files,
+                             env={**rank_threads(job.plan.threads_per_rank), **loopback_collectives(job.plan.nodes)},
                              marker=marker, log_dir=str(job.run_dir / "logs"),
                              heartbeat_dir=str(job.run_dir / HEARTBEAT_DIR), world_size=job.plan.world_size,
                              hang_timeout_s=job.hang_timeout_s)

@@ -1,21 +1,45 @@
 """The typed job spec. Each class mirrors one section of the YAML file; unknown keys are errors.
 
 Numbers are parsed in pydantic's lax mode because YAML 1.1 reads `1e-3` as a string; anything that
-does not convert cleanly (e.g. `lr: fast`, `micro_batch_size: 4.5`) is still rejected.
+does not convert cleanly (e.g. `lr: fast`, `micro_batch_size: 4.5`) is still rejected. Two lax
+conversions are refused for every section: true/false where a number is expected (lax mode would
+make `max_steps: true` a 1), and non-finite numbers (`.inf`, `.nan`, "inf") in any float field.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+MAX_SEED = 2**32  # numpy's range; the sampler's seed * 1_000_003 + epoch must also fit torch's 64-bit seed
+MAX_TIMEOUT_S = 86_400.0  # a day: longer is a typo, and some backends overflow on .inf
+
+
+def _refuses_bool(annotation: Any) -> bool:
+    """An int or float annotation (alone or in a union such as `int | None`) that does not also take bool."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return bool not in members and any(m in (int, float) for m in members)
 
 
 class Section(BaseModel):
-    """Base for every section: frozen, and unknown keys are rejected instead of ignored."""
+    """Base for every section: frozen, unknown keys rejected, no bools for numbers, finite floats only."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if get_origin(annotation) in (tuple, list) and isinstance(value, (list, tuple)):  # e.g. betas
+            refused = any(isinstance(v, bool) for v in value) and any(map(_refuses_bool, get_args(annotation)))
+        else:
+            refused = isinstance(value, bool) and _refuses_bool(annotation)
+        if refused:
+            raise PydanticCustomError("bool_for_number", "Input should be a number, not true or false")
+        return value
 
 
 class ComponentSpec(Section):
@@ -25,10 +49,37 @@ class ComponentSpec(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class ModelSpec(ComponentSpec):
+    """The user's model. Its constructor's weights are the run's starting point under every strategy."""
+
+    init: Literal["constructor", "meta"] = Field(
+        default="constructor",
+        description="constructor = build with the real constructor on the CPU of every rank (weights exactly as the"
+                    " constructor makes them), then shard; meta = build on the meta device and initialize module by"
+                    " module with the model's own `_init_weights(module)` hook (for models too large for one host)")
+    init_from: str | None = Field(
+        default=None, description="a consolidated state dict (.safetensors or .pt, weights only) loaded after building")
+    layers: str | None = Field(
+        default=None, description="module path of the repeated layer list (e.g. model.layers, transformer.h); null ="
+                                  " the one nn.ModuleList of identical blocks, found by looking")
+
+
 class DataSpec(ComponentSpec):
-    """A map-style Dataset of (input, target) pairs; the eval split reuses `target` with `eval_kwargs`."""
+    """A map-style Dataset; the eval split reuses `target` with `eval_kwargs`.
+
+    A sample is an (input, target) pair fed as `model(input)` (feed: positional), or a dict fed as
+    `model(**sample)` (feed: kwargs) whose `target_key` entry goes to the loss function (unless
+    `loss: model`, when the model computes its own loss from the whole dict).
+    """
 
     micro_batch_size: int = Field(gt=0, description="samples per rank per forward/backward")
+    feed: Literal["positional", "kwargs"] = Field(
+        default="positional", description="positional = (input, target) pairs fed as model(input); kwargs = dict"
+                                          " samples fed as model(**sample)")
+    target_key: str = Field(default="labels", min_length=1,
+                            description="feed kwargs: the entry handed to the loss function (kept in the batch with loss: model)")
+    collate: str | None = Field(default=None, pattern=IMPORT_PATH,
+                                description='"module:callable" merging a list of samples into a batch (variable-length samples)')
     shuffle: bool = True
     eval_kwargs: dict[str, Any] | None = Field(
         default=None, description="kwargs merged over `kwargs` to build the eval split; null = no eval"
@@ -80,7 +131,8 @@ class TrainingSpec(Section):
         default=None, gt=0, description="end this launch after this step (checkpointed); a later launch resumes"
     )
     collective_timeout_s: float = Field(
-        default=300.0, gt=0, description="process-group timeout; also how long the launcher waits on a job with no progress"
+        default=300.0, gt=0, le=MAX_TIMEOUT_S,
+        description="process-group timeout; also how long the launcher waits on a job with no progress (at most a day)"
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update"
@@ -100,6 +152,11 @@ class StrategySpec(Section):
     config: str | None = Field(
         default=None, description="deepspeed only: a DeepSpeed JSON config merged into the one written from the"
                                   " spec (a value both set differently is an error)")
+    find_unused_parameters: bool = Field(
+        default=False, description="ddp and zero 1: let DDP find parameters that got no gradient (a slower backward);"
+                                   " needed when some layers are skipped in forward")
+    static_graph: bool = Field(
+        default=False, description="ddp and zero 1: the set of used parameters never changes (lets DDP skip the search)")
 
     @model_validator(mode="after")
     def _stage_goes_with_zero(self) -> StrategySpec:
@@ -109,6 +166,9 @@ class StrategySpec(Section):
             raise ValueError("stage: required with name zero (1, 2 or 3) or deepspeed (0-3), and only with them")
         if self.name != "deepspeed" and (self.offload_optimizer != "none" or self.config is not None):
             raise ValueError("offload_optimizer and config apply to name deepspeed only")
+        if (self.find_unused_parameters or self.static_graph) and not (
+                self.name in ("ddp", "auto") or (self.name == "zero" and self.stage == 1)):
+            raise ValueError("find_unused_parameters and static_graph apply to name ddp (or auto) and zero stage 1 only")
         return self
 
 
@@ -225,13 +285,15 @@ class CompressionSpec(Section):
 class JobSpec(Section):
     """A whole training job: WHAT to train. Where it runs comes from resources / the executor."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; also the run directory name")
-    seed: int = 0
-    model: ComponentSpec
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100,
+                      description="run name; also the run directory name (at most 100 characters)")
+    seed: int = Field(default=0, ge=0, lt=MAX_SEED, description="0 <= seed < 2**32")
+    model: ModelSpec
     data: DataSpec
     loss: str = Field(
-        default="mse", pattern=r"^(mse|cross_entropy|token_cross_entropy|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$",
-        description='mse, cross_entropy, token_cross_entropy (LM logits [B, T, V] vs ids [B, T]), or "module:callable" taking (output, target)',
+        default="mse", pattern=r"^(mse|cross_entropy|token_cross_entropy|model|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$",
+        description='mse, cross_entropy, token_cross_entropy (LM logits [B, T, V] vs ids [B, T]), model (the loss the'
+                    ' model returns: output.loss or output["loss"]), or "module:callable" taking (output, target)',
     )
     optimizer: OptimizerSpec
     schedule: ScheduleSpec = ScheduleSpec()

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 
 import pytest
 
 from launcher.cli import main
-from tests.helpers import make_spec, meshyard
+from tests.helpers import MESHYARD, REPO, make_spec, meshyard, train_in_process
 
 PIPELINE_MLP = {"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "hidden": 16, "out_dim": 1, "depth": 4}}
 
@@ -30,7 +33,7 @@ CASES = [
     ("mesh degrees vs world", {"parallel": {"data": 2, "tensor": 2, "pipeline": 2}, "resources": {"procs_per_node": 4}}, [], "parallel: data 2 x tensor 2 x pipeline 2 = 8 does not equal the world size 4"),
     ("model degrees vs world", {"parallel": {"tensor": 3}, "resources": {"procs_per_node": 4}}, [], "parallel: tensor 3 x pipeline 1 does not divide the world size 4"),
     ("microbatches vs micro-batch", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "microbatches": 5}, "resources": {"procs_per_node": 2}}, [], "parallel.microbatches=5 does not divide data.micro_batch_size=24"),
-    ("more stages than blocks", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "schedule": "interleaved_1f1b", "stages_per_rank": 3, "microbatches": 4}, "resources": {"procs_per_node": 2}}, [], "parallel: pipeline x stages_per_rank = 6 stages, but the model has only 4 blocks"),
+    ("more stages than blocks", {"model": PIPELINE_MLP, "parallel": {"pipeline": 2, "schedule": "interleaved_1f1b", "stages_per_rank": 3, "microbatches": 4}, "resources": {"procs_per_node": 2}}, [], "parallel: pipeline x stages_per_rank = 6 stages, but the model has only 4 layers (blocks)"),
     ("tp does not divide heads", {"model": {"target": "launcher.models:transformer", "kwargs": {"dim": 48, "n_heads": 3}}, "parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2 does not divide the model's 3 attention heads"),
     ("tp without a plan", {"parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: the model (launcher.models:mlp) declares no tp_plan; give parallel.tp_plan"),
     ("tp plan matching nothing", {"parallel": {"tensor": 2, "tp_plan": {"layers.*.fc": "colwise"}}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: the tensor-parallel plan matches no nn.Linear of the model (launcher.models:mlp)"),
@@ -147,3 +150,150 @@ def test_deepspeed_not_installed_is_a_plan_error(tmp_path, capsys, monkeypatch):
     spec = make_spec(tmp_path, strategy={"name": "deepspeed", "stage": 0})
     code, err = _run_main(capsys, ["plan", str(spec)])
     assert code == 2 and "strategy.name=deepspeed: the deepspeed package is not installed" in err, err
+
+
+# Hostile input (issue 17): each row is one `error:` line for validate, plan and launch alike, exit 2,
+# no traceback, nothing written anywhere under tmp_path (so nothing under output.dir either).
+# (case id, build the spec file in tmp_path, text the line must contain, wall-time bound in s or None)
+KWARGS_ANYTHING = "tests.fixtures.faulty:model_failing_on_rank"  # takes **kwargs: no signature check to stop a bomb
+
+
+def _sections(**sections):
+    return lambda tmp: make_spec(tmp, **sections)
+
+
+def _edited(edit, **sections):
+    """The spec file of `sections`, its bytes then passed through `edit`."""
+    def build(tmp):
+        path = make_spec(tmp, **sections)
+        path.write_bytes(edit(path.read_bytes()))
+        return path
+    return build
+
+
+def _alias_bomb(levels: int = 9, width: int = 10) -> bytes:
+    """A flow mapping of `levels` anchors, each naming the previous one `width` times: width**levels leaves."""
+    anchors = [f"a0: &a0 [{', '.join(['x'] * width)}]"]
+    anchors += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+    return ("bomb: {" + ", ".join(anchors) + "}").encode()
+
+
+def _file_in_the_way(tmp):
+    (tmp / "runs").write_text("a file where the run directories would go\n")
+    return make_spec(tmp)
+
+
+def _output_dir(relative):
+    return lambda tmp: make_spec(tmp, output={"dir": str(tmp / relative)})
+
+
+HOSTILE = [
+    ("alias bomb", _edited(lambda b: b.replace(b"BOMB: 0", _alias_bomb()), model={"target": KWARGS_ANYTHING, "kwargs": {"BOMB": 0}}),
+     "more than 100000 YAML nodes once aliases are expanded", 10),
+    ("huge file", _edited(lambda b: b + b"#" * (8 << 20)), "larger than the 1 MiB limit for a spec file", 10),
+    ("duplicate keys", _edited(lambda b: b + b"optimizer: {name: adam, lr: 0.1}\n"), "duplicate key 'optimizer' at line", None),
+    ("non-UTF-8 bytes", _edited(lambda b: b + "# caf\xe9\n".encode("latin-1")), "not UTF-8 text (byte 0xe9 at offset", None),
+    ("10000-deep nesting", _edited(lambda b: b + b"deep: " + b"{a: " * 10000 + b"1" + b"}" * 10000 + b"\n"),
+     "nested deeper than 100 levels", None),
+    ("NUL byte", _edited(lambda b: b + b"# \x00\n"), "character #x0000 at offset", None),
+    ("bool for int", _sections(training={"max_steps": True}), "training.max_steps: Input should be a number, not true or false", None),
+    ("bool for float", _sections(optimizer={"name": "sgd", "lr": True}), "optimizer.lr: Input should be a number, not true or false", None),
+    (".inf timeout", _sections(training={"max_steps": 5, "collective_timeout_s": float("inf")}),
+     "training.collective_timeout_s: Input should be a finite number", None),
+    (".nan lr", _sections(optimizer={"name": "sgd", "lr": float("nan")}), "optimizer.lr: Input should be a finite number", None),
+    ("timeout of a year", _sections(training={"max_steps": 5, "collective_timeout_s": 3e7}),
+     "training.collective_timeout_s: Input should be less than or equal to 86400", None),
+    ("seed 2**70", _sections(seed=2**70), "seed: Input should be less than 4294967296", None),
+    ("negative seed", _sections(seed=-1), "seed: Input should be greater than or equal to 0", None),
+    ("too many procs", _sections(resources={"procs_per_node": 100_000}),
+     "resources.procs_per_node: 100000 is above the limit of 256 (a typo? if this machine really needs it, set MESHYARD_MAX_PROCS_PER_NODE=100000)", None),
+    ("too many nodes", _sections(resources={"procs_per_node": 1, "nodes": 10**6}), "resources.nodes: 1000000 is above the limit of 1024", None),
+    ("too many loader workers", _sections(data={"num_workers": 10_000}), "data.num_workers: 10000 is above the limit of 64", None),
+    ("300-character name", _sections(name="a" * 300), "name: String should have at most 100 characters (got 'aaaa", None),
+    ("module raising at import", _sections(model={"target": "tests.fixtures.raises_at_import:model"}),
+     "model.target: importing module 'tests.fixtures.raises_at_import' raised ValueError: this module is broken on purpose and its", None),
+    ("sys.exit(0) at import", _sections(model={"target": "tests.fixtures.exits_at_import:model"}),
+     "model.target: importing module 'tests.fixtures.exits_at_import' called sys.exit(0)", None),
+    ("misspelt model kwarg", _sections(model={"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "hiden": 16}}),
+     "model.kwargs.hiden: not a parameter of launcher.models:mlp (allowed: in_dim, hidden, out_dim, depth)", None),
+    ("misspelt eval kwarg", _sections(data={"eval_kwargs": {"samples": 64}}),
+     "data.eval_kwargs.samples: not a parameter of launcher.data:synthetic_regression (allowed: n, in_dim", None),
+    ("output.dir is a file", _file_in_the_way, "output.dir: ", None),
+    ("output.dir component too long", _output_dir("x" * 300), "output.dir: a path component is longer than 255 bytes", None),
+    ("output.dir path too long", _output_dir("/".join(["y" * 200] * 25)), "output.dir: the run directory's path is", None),
+]
+
+
+def _tree(root):
+    """Every path under `root` with its size and mtime: a write anywhere changes it."""
+    return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "launch"])
+@pytest.mark.parametrize("case", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_spec(tmp_path, capsys, case, command):
+    _, build, expected, max_seconds = case
+    spec = build(tmp_path)
+    before = _tree(tmp_path)
+    started = time.monotonic()
+    code, err = _run_main(capsys, [command, str(spec)])
+    elapsed = time.monotonic() - started
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert expected in err, err
+    assert _tree(tmp_path) == before  # nothing written: no run directory, no spec.json
+    if max_seconds is not None:
+        assert elapsed < max_seconds, f"{elapsed:.1f} s"
+
+
+def test_hostile_spec_in_a_real_process_is_fast_small_and_one_line(tmp_path):
+    """The console script on an alias bomb and a huge file: < 10 s, < 500 MB, one line, no traceback."""
+    measure = ("import json, resource, subprocess, sys, time; t = time.monotonic();"
+               " r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+               " print(json.dumps({'rc': r.returncode, 'out': r.stdout + r.stderr, 's': time.monotonic() - t,"
+               " 'mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+    for case in [c for c in HOSTILE if c[0] in ("alias bomb", "huge file", "sys.exit(0) at import")]:
+        folder = tmp_path / case[0].replace(" ", "_")
+        folder.mkdir()
+        spec = case[1](folder)
+        result = subprocess.run([sys.executable, "-c", measure, MESHYARD, "validate", str(spec)], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        report = json.loads(result.stdout)
+        assert report["rc"] == 2 and case[2] in report["out"], report
+        assert len(report["out"].splitlines()) == 1 and "Traceback" not in report["out"], report
+        assert report["s"] < 10 and report["mb"] < 500, report
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_read_only_output_dir(tmp_path, capsys):
+    (tmp_path / "runs").mkdir(mode=0o555)
+    code, err = _run_main(capsys, ["validate", str(make_spec(tmp_path))])
+    assert code == 2 and err == f"error: output.dir: {tmp_path / 'runs'} (where the run directory goes) is not writable\n"
+
+
+def test_site_limit_can_be_raised_for_a_big_machine(tmp_path, capsys, monkeypatch):
+    spec = make_spec(tmp_path, resources={"procs_per_node": 300})
+    assert main(["validate", str(spec)]) == 2
+    monkeypatch.setenv("MESHYARD_MAX_PROCS_PER_NODE", "512")
+    assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
+
+
+def test_largest_accepted_seed_works_where_seeds_are_used():
+    """seed < MAX_SEED must fit every consumer: torch's 64-bit seed per rank and the sampler's seed mix."""
+    from launcher.rng import seed_all
+    from launcher.sampler import BatchLayout
+    from launcher.spec.schema import MAX_SEED
+
+    seed_all(MAX_SEED - 1 + 4096)  # seed + rank
+    layout = BatchLayout(dataset_size=8, micro_batch_size=2, grad_accum_steps=1, dp_rank=0, dp_size=1,
+                         seed=MAX_SEED - 1, shuffle=True)
+    assert sorted(layout.epoch_order(10**9)) == list(range(8))
+
+
+def test_export_onto_a_directory_is_one_line(tmp_path, capsys):
+    run = train_in_process(make_spec(tmp_path, training={"max_steps": 1}))
+    target = tmp_path / "a_directory"
+    target.mkdir()
+    code, err = _run_main(capsys, ["export", str(run), "--out", str(target)])
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and str(target) in err, err
+    assert list(target.iterdir()) == []
