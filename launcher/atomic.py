@@ -24,6 +24,18 @@ def atomic_target(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
+    """`durable`: the file is fsynced before the rename and its directory after it, so the new
+    contents survive a power loss once this returns (checkpoint manifests and `latest`)."""
     with atomic_target(path) as tmp:
-        tmp.write_text(text)
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

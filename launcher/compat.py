@@ -1,24 +1,28 @@
 """Refuse, before any process starts, to resume from a checkpoint that does not fit the spec's model.
 
 The model is built on the meta device (no memory, no init cost) and its parameter shapes are
-compared with the tensor shapes recorded in the checkpoint's DCP metadata.
+compared with the tensor shapes recorded in the checkpoint's DCP metadata. First the checkpoint must
+be loadable at all (launcher.checkpoint.check_loadable): files matching the manifest's sizes and
+SHA-256, and metadata, non-tensor entries and rank files readable without running code
+(launcher.safe_dcp), so a tampered or damaged checkpoint is one line here, before any rank starts.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from launcher.checkpoint import read_manifest
+from launcher.checkpoint import check_loadable, read_manifest
 from launcher.components import model_factory
 from launcher.errors import UserError
+from launcher.safe_dcp import read_metadata_file
 from launcher.spec.schema import JobSpec
 
 
 def check_checkpoint_fits(spec: JobSpec, checkpoint: Path, world_size: int) -> None:
     keep = "the checkpoints were left untouched; start fresh with another name or output.dir"
+    check_loadable(checkpoint)  # CheckpointRefused is a UserError: one line naming the file
     manifest = read_manifest(checkpoint)
     written_by_deepspeed = manifest["format"] == "deepspeed"
     if written_by_deepspeed != (spec.strategy.name == "deepspeed"):
@@ -32,7 +36,7 @@ def check_checkpoint_fits(spec: JobSpec, checkpoint: Path, world_size: int) -> N
         return  # DeepSpeed checks its own tensors when it loads them
     saved = {
         key.removeprefix("model."): tuple(meta.size)
-        for key, meta in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata.items()
+        for key, meta in read_metadata_file(checkpoint / ".metadata").state_dict_metadata.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
     with torch.device("meta"):

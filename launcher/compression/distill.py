@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.checkpoint import find_latest, is_complete, load_model_weights
+from launcher.checkpoint import check_loadable, find_latest, is_complete, load_model_weights
 from launcher.components import model_factory
 from launcher.errors import UserError
 from launcher.spec.schema import ComponentSpec, DistillSpec, TeacherSpec
@@ -22,7 +22,9 @@ TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def teacher_checkpoint(spec: TeacherSpec) -> Path | None:
-    """The teacher's checkpoint directory, or a UserError if the spec names one that is not there."""
+    """The teacher's checkpoint directory, or a UserError if the spec names one that is not there,
+    is damaged, or holds anything that would run code when read (checked in the launcher before any
+    rank starts, and again in each rank: cheap there, see launcher.checkpoint)."""
     if spec.checkpoint is None:
         return None
     path = Path(spec.checkpoint)
@@ -30,6 +32,7 @@ def teacher_checkpoint(spec: TeacherSpec) -> Path | None:
     if found is None:
         raise UserError(f"compression.distill.teacher.checkpoint={spec.checkpoint}: no complete checkpoint there"
                         " (give a meshyard run directory or one of its checkpoints/step_* directories)")
+    check_loadable(found)
     return found
 
 
