@@ -5,7 +5,9 @@ skips one interpreter start and one torch import (~2 s on 2 cores) before torchr
 `accelerate launch` even begins: that was most of meshyard's start-up overhead over the bare
 command. The child behaves as the printed command would: its own session (so the whole tree can
 be torn down), the request's environment on top of ours, `sys.argv` as the module expects, and
-its exit status as the command's.
+its exit status as the command's. Two things the printed command alone would not do are added
+(launcher/executors/agent.py): the agent and its ranks stop when the launcher dies, and a store on
+a loopback address listens on loopback only.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ class ForkedCommand:
         sys.stdout.flush()
         sys.stderr.flush()
         self.returncode: int | None = None
+        launcher = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
-            os._exit(_run_module(argv[2], list(argv[3:]), env))
+            os._exit(_run_module(argv[2], list(argv[3:]), env, launcher))
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -47,10 +50,13 @@ class ForkedCommand:
         return code
 
 
-def _run_module(module: str, args: list[str], env: dict[str, str]) -> int:
+def _run_module(module: str, args: list[str], env: dict[str, str], launcher: int) -> int:
     code = 1
     try:
         os.setsid()
+        from launcher.executors.agent import become_agent
+
+        become_agent(launcher)
         os.environ.update(env)
         sys.argv = [module, *args]
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
@@ -58,8 +64,11 @@ def _run_module(module: str, args: list[str], env: dict[str, str]) -> int:
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # what the interpreter would print for an uncaught exception
-        traceback.print_exc()
+    except BaseException as exc:  # what the interpreter would print for an uncaught exception
+        if os.getppid() != launcher:  # stopped by its parent-death signal: the launcher is gone, say so once
+            print(f"meshyard: the launcher (PID {launcher}) died; the job was stopped ({exc})", file=sys.stderr)
+        else:
+            traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

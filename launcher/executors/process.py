@@ -18,7 +18,7 @@ from launcher.errors import LaunchError
 from launcher.executors.forked import ForkedCommand
 from launcher.executors.request import LaunchRequest
 from launcher.heartbeat import HangWatch, diagnose, read_heartbeats
-from launcher.procs import kill_marked, stop_tree, worker_pids
+from launcher.procs import adopt_orphans, kill_launch, launch_token, stop_tree, worker_pids
 
 TRACE_LINES = 4
 POLL_S = 0.5
@@ -29,16 +29,20 @@ def run_process_tree(request: LaunchRequest) -> None:
     started = time.time()
     request.write_generated()
     _clear_heartbeats(Path(request.heartbeat_dir))
+    token = launch_token()  # in our environment, so the agent and every rank inherit it
+    adopted = adopt_orphans(True)  # a rank whose agent died stays below us, where the cleanup looks
     proc = ForkedCommand(request.argv, request.env)  # = the printed command, minus a Python start and torch import
-    previous = signal.signal(signal.SIGTERM, lambda *_: _forward_sigterm(request.marker))
+    previous = signal.signal(signal.SIGTERM, lambda *_: _forward_sigterm(token))
     try:
         code = _wait(proc, request)
     except KeyboardInterrupt:
-        stop_tree(proc, request.marker)
+        stop_tree(proc, token)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        kill_marked(request.marker)
+        kill_launch(token, os.getpid())
+        if adopted:
+            adopt_orphans(False)
     if code != 0:
         failures = collect_failures(Path(request.log_dir), since=started)
         raise LaunchError(f"the job failed ({request.executor} exit code {code})", failures)
@@ -50,7 +54,7 @@ def _wait(proc: ForkedCommand, request: LaunchRequest) -> int:
         time.sleep(POLL_S)
         if watch.stalled():
             report = diagnose(read_heartbeats(Path(request.heartbeat_dir)))
-            stop_tree(proc, request.marker, grace_s=2.0)
+            stop_tree(proc, launch_token(), grace_s=2.0)
             raise LaunchError(
                 f"the job hung: no rank made progress for {request.hang_timeout_s:g} s"
                 " (training.collective_timeout_s); stopped every process", report)
@@ -63,9 +67,9 @@ def _clear_heartbeats(directory: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _forward_sigterm(marker: str) -> None:
+def _forward_sigterm(token: str) -> None:
     """Preemption of the launcher: every rank checkpoints at its next step boundary and exits."""
-    for pid in worker_pids(marker).values():
+    for pid in worker_pids(token, root=os.getpid()).values():
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:

@@ -50,7 +50,8 @@ class LaunchRequest:
     settings: dict[str, str] = field(default_factory=dict)  # everything else the executor passes (Ray's configs)
     files: dict[str, str] = field(default_factory=dict)  # path -> what it is
     generated: dict[str, str] = field(default_factory=dict)  # path -> content, written by run()
-    marker: str = ""  # a string on every process's command line of this run (this node)
+    marker: str = ""  # the run (and node) as the ranks' command lines name it; never used to find processes
+    #                   (that is the launch token plus descent from the launcher, launcher/procs.py)
     log_dir: str = ""  # where the ranks' error files land
     heartbeat_dir: str = ""  # where the ranks' heartbeat files land
     world_size: int = 1

@@ -6,10 +6,12 @@ The Ray run also carries the fault test: a worker SIGKILLed by PID mid-run, Fail
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,10 +20,10 @@ import pytest
 
 from launcher.heartbeat import read_heartbeats
 from launcher.metrics import read_metrics
-from launcher.procs import processes_with_marker
+from launcher.procs import descendants, launch_processes, processes_with_marker
 from launcher.session import prepare
-from tests.helpers import REPO, curve, final_params, free_port, launch_ok, make_spec, max_param_diff, run_dir, \
-    start_launch, wait_for_step
+from tests.helpers import REPO, curve, final_params, free_port, launch_ok, make_spec, max_param_diff, meshyard, \
+    run_dir, start_launch, wait_for_step
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-6
@@ -150,3 +152,133 @@ def test_a_launcher_that_silently_starts_one_process_is_refused(tmp_path):
     assert result.returncode != 0
     assert "sees WORLD_SIZE=1, but the plan needs 2 processes" in result.stderr
     assert not (session.run_dir / "metrics.jsonl").exists()
+
+
+# --- Local executor hardening: loopback-only listeners, parent death, one launch per run, own processes only.
+
+# ~0.3 s per step with 2 ranks on 2 busy cores: long enough to look at a running job.
+SLOW_LOCAL = {
+    "data": {"target": "tests.fixtures.faulty:SlowDataset", "micro_batch_size": 4,
+             "kwargs": {"n": 96, "in_dim": 8, "out_dim": 1, "delay_s": 0.05}},
+    "strategy": {"name": "ddp"},
+    "resources": {"procs_per_node": 2},
+    "training": {"max_steps": 3000, "log_every": 1, "checkpoint_every": 5},
+}
+
+
+def test_a_local_run_listens_on_loopback_only_and_stops_when_its_launcher_is_killed(tmp_path):
+    spec = make_spec(tmp_path, "guarded", **SLOW_LOCAL)
+    run = run_dir(spec)
+    launch = start_launch(spec)
+    try:
+        wait_for_step(run, 3, timeout=120)
+        tree = {launch.pid} | descendants(launch.pid)
+        listening = listening_sockets(tree)
+        # the rendezvous store and the agent store (MASTER_PORT) in the agent, gloo in each rank
+        assert len(listening) >= 2, listening
+        assert all(is_loopback_address(address) for address, _ in listening), listening
+        token = launch_token_of(run)
+        assert len(launch_processes(token)) >= 2  # the ranks carry the launch token
+
+        os.kill(launch.pid, signal.SIGKILL)
+        launch.communicate(timeout=10)
+        deadline = time.monotonic() + 15
+        while (alive := [pid for pid in tree - {launch.pid} if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"still running 15 s after the launcher was killed: {alive}"
+        assert launch_processes(token) == []
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.communicate()
+        for pid in launch_processes(str(run / "spec.json")):
+            os.kill(pid, signal.SIGKILL)
+    assert (run / "checkpoints" / "latest").is_file()  # the ranks stopped between checkpoints: resumable
+
+
+def test_one_launch_per_run_and_cleanup_spares_a_stranger_naming_the_spec(tmp_path):
+    steps = 12
+    spec = make_spec(tmp_path, "locked", **{**SLOW_LOCAL, "training": {**SLOW_LOCAL["training"], "max_steps": steps}})
+    run = run_dir(spec)
+    run.mkdir(parents=True)
+    # Not ours, but its command line names the run's spec, as a user's `tail -f runs/locked/spec.json` would.
+    stranger = subprocess.Popen(["bash", "-c", f'exec -a "tail -f {run / "spec.json"}" sleep 300'])
+    try:
+        first = start_launch(spec)
+        wait_for_step(run, 2, timeout=120)
+        before = {name: ((run / name).stat().st_mtime_ns, (run / name).read_bytes()) for name in (".lock", "spec.json")}
+        second = meshyard("launch", str(spec), "--set", "training.max_steps=5", timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"(PID {first.pid})" in lines[0] and "another launch of this run" in lines[0], lines
+        assert {name: ((run / name).stat().st_mtime_ns, (run / name).read_bytes()) for name in before} == before
+        out, err = first.communicate(timeout=240)
+        assert first.returncode == 0, err[-3000:]
+        assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
+        assert stranger.poll() is None, "a finished launch's cleanup killed a process that only named its spec"
+
+        # A cancelled launch of the same run (resumes after step 12, then Ctrl-C) spares it too.
+        cancelled = start_launch(spec, f"training.max_steps={steps + 1000}")
+        wait_for_step(run, steps + 2, timeout=120)
+        cancelled.send_signal(signal.SIGINT)
+        cancelled.communicate(timeout=60)
+        assert cancelled.returncode == 130
+        assert stranger.poll() is None, "a cancelled launch's cleanup killed a process that only named its spec"
+        assert launch_processes(str(run / "spec.json")) == []
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def launch_token_of(run) -> str:
+    return json.loads((run / ".lock").read_text())["token"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, int]]:
+    """(address, pid) of every listening TCP socket (IPv4 and IPv6) held by one of `pids`, from /proc."""
+    owners = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owners[target[8:-1]] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in owners:  # 0A = LISTEN
+                    found.append((_address(local), owners[inode]))
+    return found
+
+
+def _address(hex_address: str) -> str:
+    """/proc/net/tcp's IP:PORT (each 32-bit word of the address in host byte order) -> 'ip:port'."""
+    ip_hex, port_hex = hex_address.split(":")
+    raw = bytes.fromhex(ip_hex)
+    ip = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(ip) == 4 else socket.AF_INET6
+    return f"{socket.inet_ntop(family, ip)}:{int(port_hex, 16)}"
+
+
+def is_loopback_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback

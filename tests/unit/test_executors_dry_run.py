@@ -64,12 +64,28 @@ def test_ray_dry_run_maps_the_plan_onto_ray_train(tmp_path, monkeypatch):
     assert joined["ray.init"] == {"address": "ray://10.0.0.1:10001"} and joined["ray.shutdown"].startswith("no")
 
 
+def test_single_node_local_dry_run_meets_on_loopback(tmp_path):
+    """No --standalone (its stores listen on every interface): a c10d rendezvous on 127.0.0.1, port 0
+    (the agent's store takes a free one), the agent's address 127.0.0.1, collectives on `lo`."""
+    spec = make_spec(tmp_path, resources={"procs_per_node": 2, "max_restarts": 1})
+    request = dry_run(spec)
+    run = tmp_path / "runs" / "test"
+    assert request.argv == (
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0", "--rdzv-id=test", "--local-addr=127.0.0.1", "--nproc-per-node=2",
+        "--max-restarts=1", "--monitor-interval=0.5", "--shutdown-timeout=10", f"--log-dir={run / 'logs'}",
+        "-m", "launcher.worker", str(run / "spec.json"))
+    assert request.env["GLOO_SOCKET_IFNAME"] == "lo" and request.env["NCCL_SOCKET_IFNAME"] == "lo"
+    assert not run.exists()
+
+
 def test_multi_node_local_dry_run_uses_c10d(tmp_path, capsys):
     spec = make_spec(tmp_path, resources={"procs_per_node": 2})
     assert main(["plan", str(spec), "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "10.0.0.1:29400"]) == 0
     out = capsys.readouterr().out
     assert "world size       4 = 2 node(s) x 2 process(es)" in out
     assert "--nnodes=2 --node-rank=1 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=test" in out
+    assert "--local-addr" not in out and "SOCKET_IFNAME" not in out  # several nodes: the addresses the user gives
     assert main(["plan", str(spec), "--nnodes", "2"]) == 2
     assert "needs --rdzv-endpoint HOST:PORT" in capsys.readouterr().err
 

@@ -1,0 +1,97 @@
+"""What the launcher's fork does before it becomes torchrun's elastic agent (or `accelerate launch`).
+
+Parent death (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere):
+- the agent gets SIGTERM when the launcher dies, even by SIGKILL: torch elastic's own shutdown then
+  sends SIGTERM to every rank (which checkpoints at its next step boundary and exits, as when
+  preempted) and SIGKILL to those still alive after --shutdown-timeout;
+- every rank the agent starts gets SIGKILL when the agent dies (set between the rank's fork and its
+  exec, through a preexec_fn on torch elastic's Popen): an agent killed outright leaves no rank
+  training unsupervised.
+
+Loopback stores: torch's TCPStore listens on every interface whatever host name it is given. Here a
+store server whose host is a loopback address (the single-node rendezvous at 127.0.0.1, the agent
+store that MASTER_ADDR/MASTER_PORT name, torchrun's --local-addr=127.0.0.1) is handed a listening
+socket bound to that address (TCPStore's master_listen_fd), so it is reachable from this machine
+only. A store on another address (a multi-node rendezvous endpoint) is created as torch does.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+from typing import Any
+
+from launcher.procs import die_with_parent
+
+STORE_ARGS = ("host_name", "port", "world_size", "is_master", "timeout", "wait_for_workers", "multi_tenant",
+              "master_listen_fd", "use_libuv")
+
+
+def become_agent(launcher_pid: int) -> None:
+    """Called first thing in the fork (in its own session already)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until torch elastic installs its own handler
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != launcher_pid:  # the launcher died before the kernel was told to warn us
+        os._exit(1)
+    _ranks_die_with_the_agent()
+    _loopback_stores()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_store(*args: Any, **kwargs: Any) -> Any:
+    """torch.distributed.TCPStore(...), but a server on a loopback host listens on that address only."""
+    from torch.distributed import TCPStore
+
+    call = dict(zip(STORE_ARGS, args), **kwargs)
+    if call.get("is_master") and call.get("master_listen_fd") is None and is_loopback(str(call["host_name"])):
+        host = "127.0.0.1" if call["host_name"] == "localhost" else str(call["host_name"]).strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, int(call["port"])))
+            listener.listen(2048)
+        except OSError as exc:  # what TCPStore raises for a port in use: the c10d backend retries as a client
+            listener.close()
+            raise RuntimeError(f"cannot listen on {host}:{call['port']}: {exc}") from exc
+        call["port"] = listener.getsockname()[1]
+        call["master_listen_fd"] = listener.detach()  # the store owns (and closes) the socket from here on
+    return TCPStore(**call)
+
+
+def _loopback_stores() -> None:
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    c10d_rendezvous_backend.TCPStore = loopback_store  # the rendezvous store (--rdzv-backend=c10d)
+    static_tcp_rendezvous.TCPStore = loopback_store  # accelerate's single-node static rendezvous
+    DynamicRendezvousHandler._create_tcp_store_server = (  # the agent store: MASTER_ADDR:MASTER_PORT
+        lambda self, master_addr, master_port: loopback_store(
+            host_name=master_addr, port=master_port, is_master=True, multi_tenant=True))
+
+
+def _ranks_die_with_the_agent() -> None:
+    import subprocess
+
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    agent = os.getpid()
+
+    def rank_preexec() -> None:  # in the rank, between fork and exec: only a system call and a check
+        die_with_parent(signal.SIGKILL)
+        if os.getppid() != agent:
+            os._exit(1)
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        return subprocess.Popen(*args, preexec_fn=rank_preexec, **kwargs)
+
+    subprocess_handler.Popen = popen  # torch elastic starts each rank with this name (start_new_session=True)
