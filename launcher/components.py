@@ -1,7 +1,9 @@
 """Build the user's components from the spec: model factory, datasets, loss function."""
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from launcher.errors import UserError
 from launcher.imports import resolve
 from launcher.spec.schema import ComponentSpec, DataSpec, JobSpec
 from strategies.batch import BatchFeed
@@ -20,6 +23,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+INIT_FROM_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 MODEL_LOSS = "model"  # the loss the model returns itself
 BUILTIN_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": F.mse_loss,
@@ -36,6 +40,21 @@ def check_targets(spec: JobSpec) -> None:
         resolve(spec.data.collate, "data.collate")
     if spec.loss not in (*BUILTIN_LOSSES, MODEL_LOSS):
         resolve(spec.loss, "loss")
+    if spec.model.init_from is not None:
+        check_init_from(spec.model.init_from)
+
+
+def check_init_from(path: str) -> None:
+    """A readable weights file of a kind that loads without running code."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"model.init_from={path}: no such file")
+    if file.suffix not in INIT_FROM_SUFFIXES:
+        raise UserError(f"model.init_from={path}: expected one of {', '.join(INIT_FROM_SUFFIXES)}"
+                        " (a consolidated state dict, e.g. from meshyard export)")
+    if file.suffix == ".safetensors" and importlib.util.find_spec("safetensors") is None:
+        raise UserError(f"model.init_from={path}: reading .safetensors needs the safetensors package;"
+                        " pip install 'meshyard[hf]' (through constraints.txt)")
 
 
 def batch_feed(spec: JobSpec) -> BatchFeed:

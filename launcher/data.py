@@ -1,8 +1,9 @@
-"""Built-in synthetic datasets: map-style, (input, target) pairs, deterministic in `seed`."""
+"""Built-in synthetic datasets: map-style, deterministic in `seed`; (input, target) pairs, or dict
+samples for models fed as `model(**sample)` (data.feed: kwargs)."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 
 def synthetic_regression(
@@ -63,3 +64,39 @@ def char_corpus(n: int = 2048, seq_len: int = 32, seed: int = 0) -> TensorDatase
     x = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
     y = torch.stack([ids[s + 1 : s + seq_len + 1] for s in starts.tolist()])
     return TensorDataset(x, y)
+
+
+class TokenWindows(Dataset):
+    """Dict samples as Hugging Face causal LMs take them: input_ids, attention_mask and labels
+    (= input_ids: the model shifts them itself)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def token_corpus(n: int = 2048, seq_len: int = 32, seed: int = 0) -> TokenWindows:
+    """`n` windows of the generated text (see char_corpus) as dict samples for `loss: model`."""
+    return TokenWindows(char_corpus(n, seq_len, seed).tensors[0])
+
+
+def digits(split: str = "train", eval_fraction: float = 0.2, seed: int = 0) -> TensorDataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes; no download), pixels
+    scaled to [0, 1] as 64 features. The split is a fixed permutation: `eval_fraction` of it is eval.
+    Needs the `examples` extra (scikit-learn)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"data.kwargs.split={split!r}: allowed train, eval")
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    cut = int(len(labels) * (1 - eval_fraction))
+    keep = order[:cut] if split == "train" else order[cut:]
+    x = torch.tensor(images, dtype=torch.float32)[keep] / 16.0
+    return TensorDataset(x, torch.tensor(labels, dtype=torch.long)[keep])

@@ -5,6 +5,8 @@ so nothing is gathered to a rank 0 during training.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,11 +31,37 @@ def load_run_model(run_dir: Path) -> tuple[JobSpec, nn.Module, Path]:
     return spec, model.eval(), checkpoint
 
 
-def export_run(run_dir: Path, out: Path | None) -> Path:
-    """Write the consolidated model state dict (torch.save; load with weights_only=True)."""
+def export_run(run_dir: Path, out: Path | None, fmt: str = "torch") -> Path:
+    """Write the consolidated model: a torch state dict file (load with weights_only=True), or a
+    safetensors directory (a Hugging Face model's save_pretrained: config.json + model.safetensors,
+    which `from_pretrained` loads; other models: model.safetensors alone)."""
     _, model, _ = load_run_model(run_dir)
+    if fmt == "safetensors":
+        return _export_safetensors(model, out or run_dir / "export" / "safetensors")
     out = out or run_dir / "export" / "model.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_target(out) as tmp:
         torch.save(model.state_dict(), tmp)
+    return out
+
+
+def _export_safetensors(model: nn.Module, out: Path) -> Path:
+    """Written under a temporary name and renamed, so `out` is complete or absent."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory (safetensors exports a directory)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".partial-{out.name}-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(partial, safe_serialization=True)  # keeps tied weights tied
+        else:
+            from safetensors.torch import save_model
+
+            partial.mkdir()
+            save_model(model, str(partial / "model.safetensors"))  # stores each tied tensor once
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out

@@ -50,7 +50,7 @@ class ModelRecipe:
         model = self.build()
         broadcast_from_rank_0(model)
         if self.init_from is not None:
-            model.load_state_dict(read_state_dict(self.init_from))
+            load_consolidated(model, read_state_dict(self.init_from), self.init_from)
         return model
 
     def skeleton(self) -> nn.Module:
@@ -145,6 +145,21 @@ def broadcast_from_rank_0(model: nn.Module) -> None:
         for tensor in group:
             tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
+
+
+def load_consolidated(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a whole state dict; a missing key is allowed only for a tied weight (one tensor under two
+    names, e.g. an LM head tied to the embedding, which safetensors files store once)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    loaded_elsewhere = {name for names in names_of.values() if any(n in state for n in names) for name in names}
+    missing = [name for name in missing if name not in loaded_elsewhere]
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"holds {unexpected[0]!r}, which the model has not"
+        raise ValueError(f"model.init_from={source}: {what}"
+                         f" (+{len(missing) + len(unexpected) - 1} more mismatched keys)")
 
 
 def read_state_dict(path: str) -> dict[str, Any]:

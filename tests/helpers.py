@@ -88,6 +88,19 @@ def curve(run: Path, key: str = "loss") -> list[float]:
     return [m[key] for m in read_metrics(run)]
 
 
+def assert_runs_match(reference: Path, run: Path, tol: float, keys: tuple[str, ...] = ("loss", "penalty", "grad_norm")) -> None:
+    """`run` logged the reference's steps, its curves are within `tol` at every step, the reference
+    trained (the loss fell: equal curves cannot be two flat lines), and the consolidated final
+    weights are within `tol`."""
+    ref, got = read_metrics(reference), read_metrics(run)
+    assert len(ref) > 1 and [m["step"] for m in got] == [m["step"] for m in ref]
+    for key in keys:
+        diffs = [abs(a[key] - b[key]) for a, b in zip(ref, got, strict=True)]
+        assert max(diffs) < tol, (key, diffs)
+    assert ref[-1]["loss"] < ref[0]["loss"]
+    assert max_param_diff(final_params(reference), final_params(run)) < tol
+
+
 def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
