@@ -123,6 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         # stdout is pointed at /dev/null so the interpreter's final flush does not fail a second time.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as exc:  # a path the user gave cannot be used (`export --out DIR`, a full disk): say which
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`path: reason` on one line (for a failed rename: `source -> destination: reason`)."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or str(exc)
+    return f"{paths}: {reason}" if paths else reason
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -87,10 +87,14 @@ def prepare(spec_file: str, overrides: list[str]) -> Session:
     spec = load_spec(spec_file, overrides)
     plan = make_plan(spec, cuda_available=_cuda_available())
     from launcher.components import check_targets
+    from launcher.preflight import check_component_kwargs, check_run_dir
 
     check_targets(spec)
+    check_component_kwargs(spec)
     check_model_layout(spec, plan)
-    return Session(spec, plan)
+    session = Session(spec, plan)
+    check_run_dir(spec.output.dir, session.run_dir)
+    return session
 
 
 def _cuda_available() -> bool:

@@ -201,6 +201,8 @@ HOSTILE = [
     (".inf timeout", _sections(training={"max_steps": 5, "collective_timeout_s": float("inf")}),
      "training.collective_timeout_s: Input should be a finite number", None),
     (".nan lr", _sections(optimizer={"name": "sgd", "lr": float("nan")}), "optimizer.lr: Input should be a finite number", None),
+    (".inf grad_clip", _sections(optimizer={"name": "sgd", "lr": 0.1, "grad_clip": float("inf")}),  # no bound but finiteness
+     "optimizer.grad_clip: Input should be a finite number", None),
     ("timeout of a year", _sections(training={"max_steps": 5, "collective_timeout_s": 3e7}),
      "training.collective_timeout_s: Input should be less than or equal to 86400", None),
     ("seed 2**70", _sections(seed=2**70), "seed: Input should be less than 4294967296", None),
