@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="write a run's newest (possibly sharded) checkpoint as one consolidated state dict"
                     " (torch.save; load with torch.load(weights_only=True)); no process group needed")
     export.add_argument("run", help="a run directory (<output.dir>/<name>)")
-    export.add_argument("--out", default=None, help="output file (default RUN/export/model.pt)")
+    export.add_argument("--out", default=None, help="output file (default RUN/export/model.pt), or directory with"
+                                                   " --format safetensors (default RUN/export/safetensors)")
+    export.add_argument("--format", default="torch", choices=["torch", "safetensors"],
+                        help="torch: one state dict file; safetensors: a directory that Hugging Face's"
+                             " from_pretrained loads (config.json + model.safetensors) for HF models")
     quantize = commands.add_parser(
         "quantize", help="post-training int8 quantization of a run's newest checkpoint, with a report",
         description="post-training int8 quantization of a run's newest checkpoint; writes RUN/quantized/"
@@ -163,15 +167,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from launcher.executors import get_executor
+    from launcher.runlock import hold_run, lock_file
     from launcher.session import prepare
-    from launcher.startup import LAUNCHED_AT_ENV, describe
+    from launcher.startup import LAUNCHED_AT_ENV
 
     started = time.time()
     # Every executor's ranks time their start-up from here (or from an outer tool's clock, e.g. a benchmark).
     os.environ.setdefault(LAUNCHED_AT_ENV, repr(started))
     options, overrides = resolve_where(args)
     session = prepare(args.spec, overrides)
+    # One launch per run: the lock is taken before anything of the run is read or written, and held through restarts.
+    with hold_run(session.run_dir, lock_file(session.plan.nodes, options.node_rank)):
+        return _launch_holding_the_lock(session, options, started)
+
+
+def _launch_holding_the_lock(session, options: LaunchOptions, started: float) -> int:
+    from launcher.executors import get_executor
+    from launcher.startup import describe
+
     session.check_before_launch()
     print(session.plan.describe(), flush=True)
     request = session.dry_run(options)
@@ -212,7 +225,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from launcher.export import export_run
 
-    out = export_run(Path(args.run), Path(args.out) if args.out else None)
+    out = export_run(Path(args.run), Path(args.out) if args.out else None, args.format)
     print(f"wrote {out}")
     return 0
 

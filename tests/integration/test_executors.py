@@ -170,6 +170,7 @@ def test_a_local_run_listens_on_loopback_only_and_stops_when_its_launcher_is_kil
     spec = make_spec(tmp_path, "guarded", **SLOW_LOCAL)
     run = run_dir(spec)
     launch = start_launch(spec)
+    tree: set[int] = set()
     try:
         wait_for_step(run, 3, timeout=120)
         tree = {launch.pid} | descendants(launch.pid)
@@ -181,7 +182,7 @@ def test_a_local_run_listens_on_loopback_only_and_stops_when_its_launcher_is_kil
         assert len(launch_processes(token)) >= 2  # the ranks carry the launch token
 
         os.kill(launch.pid, signal.SIGKILL)
-        launch.communicate(timeout=10)
+        launch.wait(timeout=10)  # not communicate(): a surviving agent or rank would hold its pipes open
         deadline = time.monotonic() + 15
         while (alive := [pid for pid in tree - {launch.pid} if _alive(pid)]) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -190,9 +191,10 @@ def test_a_local_run_listens_on_loopback_only_and_stops_when_its_launcher_is_kil
     finally:
         if launch.poll() is None:
             launch.kill()
-            launch.communicate()
-        for pid in launch_processes(str(run / "spec.json")):
-            os.kill(pid, signal.SIGKILL)
+        for pid in [*launch_processes(str(run / "spec.json")), *(tree - {launch.pid})]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        launch.communicate()
     assert (run / "checkpoints" / "latest").is_file()  # the ranks stopped between checkpoints: resumable
 
 
@@ -206,7 +208,8 @@ def test_one_launch_per_run_and_cleanup_spares_a_stranger_naming_the_spec(tmp_pa
     try:
         first = start_launch(spec)
         wait_for_step(run, 2, timeout=120)
-        before = {name: ((run / name).stat().st_mtime_ns, (run / name).read_bytes()) for name in (".lock", "spec.json")}
+        before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in (run / ".lock", run / "spec.json")
+                  if path.exists()}
         second = meshyard("launch", str(spec), "--set", "training.max_steps=5", timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
         lines = second.stderr.strip().splitlines()
