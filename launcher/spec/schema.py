@@ -84,7 +84,8 @@ class DataSpec(ComponentSpec):
     eval_kwargs: dict[str, Any] | None = Field(
         default=None, description="kwargs merged over `kwargs` to build the eval split; null = no eval"
     )
-    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank (at most 64 unless"
+                                                          " the environment sets MESHYARD_MAX_NUM_WORKERS)")
 
 
 class OptimizerSpec(Section):
@@ -204,8 +205,9 @@ class ParallelSpec(Section):
 
 
 class ResourcesSpec(Section):
-    nodes: int = Field(default=1, gt=0)
-    procs_per_node: int = Field(default=1, gt=0)
+    nodes: int = Field(default=1, gt=0, description="at most 1024 unless the environment sets MESHYARD_MAX_NODES")
+    procs_per_node: int = Field(default=1, gt=0, description="at most 256 unless the environment sets"
+                                                            " MESHYARD_MAX_PROCS_PER_NODE")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda+nccl if present, else cpu+gloo")
     max_restarts: int = Field(default=0, ge=0, description="elastic restarts of the whole worker group")
 

@@ -299,3 +299,20 @@ def test_export_onto_a_directory_is_one_line(tmp_path, capsys):
     code, err = _run_main(capsys, ["export", str(run), "--out", str(target)])
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and str(target) in err, err
     assert list(target.iterdir()) == []
+
+
+def test_site_limits_are_stated_in_the_schema():
+    """The JSON Schema an editor shows names each cap and the variable that raises it."""
+    from launcher.spec.load import SITE_LIMITS
+    from launcher.spec.schema import JobSpec
+
+    for field, (variable, limit) in SITE_LIMITS.items():
+        section, key = field.split(".")
+        description = JobSpec.model_fields[section].annotation.model_fields[key].description
+        assert f"at most {limit} " in description and variable in description, (field, description)
+
+
+def test_utf16_spec_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    spec = make_spec(tmp_path)
+    spec.write_bytes(spec.read_text().encode("utf-16"))
+    assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
