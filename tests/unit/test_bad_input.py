@@ -61,6 +61,16 @@ CASES = [
     ("deepspeed cannot skip", {"strategy": {"name": "deepspeed", "stage": 2}, "training": {"on_nonfinite": "skip"}}, [], "training.on_nonfinite=skip with strategy deepspeed"),
     ("pruning sharded weights", {"strategy": {"name": "zero", "stage": 3}, "resources": {"procs_per_node": 2}, "compression": {"prune": {"amount": 0.5, "schedule": {"end_step": 5}}}}, [], "compression.prune with strategy zero stage 3: pruning sharded weights is not supported yet"),
     ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local, ray, accelerate"),
+    # Bring your own model: everything the meta-built model can tell is refused before launch.
+    ("meta init without a hook", {"model": {"target": "tests.fixtures.real_models:self_init_mlp", "init": "meta"}, "strategy": {"name": "zero", "stage": 3}, "resources": {"procs_per_node": 2}}, [], "model.init=meta: SelfInitMLP (tests.fixtures.real_models:self_init_mlp) declares no _init_weights(module) hook"),
+    ("meta init with deepspeed", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm", "init": "meta"}, "strategy": {"name": "deepspeed", "stage": 3}, "resources": {"procs_per_node": 2}}, [], "model.init=meta with strategy deepspeed: deepspeed.zero.Init would partition"),
+    ("tensor parallel over a Conv1D", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm"}, "parallel": {"tensor": 2, "tp_plan": {"stack.*.mix": "colwise"}}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: stack.0.mix is a Conv1D; tensor parallel shards nn.Linear layers only"),
+    ("layer path that is not there", {"model": {**BASE_SPEC["model"], "layers": "layers"}, "strategy": {"name": "zero", "stage": 3}, "resources": {"procs_per_node": 2}}, [], "model.layers=layers: MLP has no submodule 'layers'"),
+    ("layer path that is not a list", {"model": {**BASE_SPEC["model"], "layers": "head"}, "strategy": {"name": "zero", "stage": 2}, "resources": {"procs_per_node": 2}}, [], "model.layers=head: is a Linear, not an nn.ModuleList of layers"),
+    ("pipeline with the model's own loss", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm"}, "loss": "model", "parallel": {"pipeline": 2, "microbatches": 4}, "resources": {"procs_per_node": 2}}, [], "loss=model with parallel.pipeline=2: the last stage does not see the batch's labels"),
+    ("init_from not there", {"model": {**BASE_SPEC["model"], "init_from": "no_such.safetensors"}}, [], "model.init_from=no_such.safetensors: no such file"),
+    ("distillation with dict batches", {"data": {"feed": "kwargs"}, "compression": {"distill": {"teacher": {"target": "launcher.models:mlp"}}}}, [], "compression.distill needs (input, target) samples and a loss function"),
+    ("find_unused_parameters with zero 3", {"strategy": {"name": "zero", "stage": 3, "find_unused_parameters": True}}, [], "strategy: find_unused_parameters and static_graph apply to name ddp"),
 ]
 RAW_FILES = [
     ("YAML syntax error", "name: x\nmodel: {target: a:b\n", "YAML syntax error at line 3"),
@@ -100,13 +110,13 @@ def test_missing_file(tmp_path, capsys):
 
 
 def test_resume_never_refuses_to_mix_with_existing_checkpoints(tmp_path, capsys):
+    # A real checkpoint: a hand-written manifest is now verified (and skipped as damaged) before this check.
+    checkpoints = train_in_process(make_spec(tmp_path, training={"max_steps": 1})) / "checkpoints"
+    before = _tree(checkpoints)
     spec = make_spec(tmp_path, checkpoint={"resume": "never"})
-    existing = tmp_path / "runs" / "test" / "checkpoints" / "step_00000003"
-    existing.mkdir(parents=True)
-    (existing / "manifest.json").write_text("{}")
     code, err = _run_main(capsys, ["launch", str(spec)])
-    assert code == 2 and "checkpoint.resume=never but" in err and len(err.splitlines()) == 1
-    assert (existing / "manifest.json").is_file()  # nothing lost
+    assert code == 2 and "checkpoint.resume=never but" in err and len(err.splitlines()) == 1, err
+    assert _tree(checkpoints) == before  # nothing lost (the run's .lock is taken before this check)
 
 
 def test_real_process_prints_one_line_and_no_traceback(tmp_path):
