@@ -81,7 +81,9 @@ def is_complete(path: Path) -> bool:
 
 def find_latest(root: Path, warn: Callable[[str], None] | None = None) -> Path | None:
     """The newest complete checkpoint whose files match its manifest (highest step first); a
-    damaged one is skipped with one warning line (`warn`, default: stderr) naming the file."""
+    damaged one is skipped with one warning line (`warn`, default: stderr) naming the file. None if
+    there is no complete checkpoint; CheckpointRefused if there are some but every one is damaged
+    (starting over would silently drop the run's progress, and the next save of that step its files)."""
     if not root.is_dir():
         return None
     complete = sorted((p for p in root.glob("step_*") if p.is_dir() and is_complete(p)), reverse=True)
@@ -89,8 +91,11 @@ def find_latest(root: Path, warn: Callable[[str], None] | None = None) -> Path |
         problem, fresh = _verify(candidate)
         if problem is None:
             return candidate
-        if fresh:  # a verdict reused from this launch's stamp was already reported
+        if fresh:  # a verdict this launch's launcher reached was reported there
             (warn or _warn)(f"{problem}; skipped {candidate.name}, an older complete checkpoint is used if there is one")
+    if complete:
+        raise CheckpointRefused(f"{root}: every complete checkpoint is damaged (see the warnings); repair or remove"
+                                " them, or use another name or output.dir")
     return None
 
 

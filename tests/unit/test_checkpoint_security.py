@@ -201,7 +201,8 @@ def test_missing_file_corrupt_manifest_and_latest_are_skipped_without_a_tracebac
     assert find_latest(checkpoints) == checkpoints / "step_00000002"
     assert "rank0.pt: missing (the manifest lists it)" in capsys.readouterr().err
     (checkpoints / "step_00000002" / "manifest.json").write_bytes(b"\x00{not json")
-    assert find_latest(checkpoints) is None
+    with pytest.raises(CheckpointRefused, match="every complete checkpoint is damaged"):
+        find_latest(checkpoints)
     # step_00000004's verdict stands (reported once per process); step_00000002's is new.
     assert capsys.readouterr().err.splitlines() == [
         f"warning: {checkpoints}/step_00000002/manifest.json: unreadable manifest (JSONDecodeError); skipped"
@@ -230,3 +231,18 @@ def test_old_manifest_without_hashes_is_checked_by_size(run, capsys):
     shard.write_bytes(shard.read_bytes() + b"x")
     assert find_latest(run_dir / "checkpoints") == run_dir / "checkpoints" / "step_00000002"
     assert "__0_0.distcp: " in capsys.readouterr().err
+
+
+def test_when_every_checkpoint_is_damaged_launch_refuses_instead_of_starting_over(run):
+    spec, run_dir = run
+    for step in (2, 4):
+        shard = run_dir / "checkpoints" / f"step_{step:08d}" / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:-1])
+    result = meshyard("launch", str(spec), "--set", "training.max_steps=6")
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 3 and "Traceback" not in result.stderr, lines
+    assert lines[0].startswith("warning: ") and "step_00000004/__0_0.distcp" in lines[0]
+    assert lines[1].startswith("warning: ") and "step_00000002/__0_0.distcp" in lines[1]
+    assert lines[2] == f"error: {run_dir / 'checkpoints'}: every complete checkpoint is damaged (see the warnings);" \
+                       " repair or remove them, or use another name or output.dir"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # nothing trained
