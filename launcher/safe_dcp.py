@@ -92,15 +92,23 @@ def read_metadata_file(path: Path) -> dcp_metadata.Metadata:
         raise CheckpointRefused(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {_one_line(exc)})") from None
     if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise CheckpointRefused(f"{path}: not DCP metadata (holds {type(metadata).__name__})")
+    for key, meta in metadata.state_dict_metadata.items():
+        if not isinstance(key, str) or not (isinstance(meta, dcp_metadata.BytesStorageMetadata) or (
+                isinstance(meta, dcp_metadata.TensorStorageMetadata) and isinstance(meta.size, torch.Size))):
+            raise CheckpointRefused(f"{path}: not DCP metadata (entry {key!r} is {type(meta).__name__})")
     storage = metadata.storage_data
-    if not isinstance(storage, dict):
+    if not isinstance(storage, dict) or not all(isinstance(key, dcp_metadata.MetadataIndex) for key in storage):
         raise CheckpointRefused(f"{path}: not DCP metadata (no storage table)")
     for info in storage.values():
-        if not isinstance(info, _StorageInfo) or not _plain_file_name(info.relative_path) or info.transform_descriptors:
-            raise CheckpointRefused(f"{path}: refused to load: a storage entry points at {getattr(info, 'relative_path', info)!r}"
+        where = getattr(info, "relative_path", None)
+        if (not isinstance(info, _StorageInfo) or not _plain_file_name(where) or info.transform_descriptors
+                or not all(type(getattr(info, n, None)) is int and getattr(info, n) >= 0 for n in ("offset", "length"))):
+            raise CheckpointRefused(f"{path}: refused to load: a storage entry points at {where!r}"
                                     " (entries must be plain files of the checkpoint directory, untransformed)")
     if metadata.storage_meta is None:
         metadata.storage_meta = dcp_metadata.StorageMeta()
+    if not isinstance(metadata.storage_meta, dcp_metadata.StorageMeta):
+        raise CheckpointRefused(f"{path}: not DCP metadata (storage_meta is {type(metadata.storage_meta).__name__})")
     return metadata
 
 
