@@ -10,7 +10,7 @@ import time
 import pytest
 
 from launcher.cli import main
-from tests.helpers import MESHYARD, REPO, make_spec, meshyard, train_in_process
+from tests.helpers import BASE_SPEC, MESHYARD, REPO, make_spec, meshyard, train_in_process
 
 PIPELINE_MLP = {"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "hidden": 16, "out_dim": 1, "depth": 4}}
 
@@ -63,11 +63,11 @@ CASES = [
     ("unknown executor", {}, ["--executor", "slurm"], "--executor slurm: unknown executor; allowed: local, ray, accelerate"),
     # Bring your own model: everything the meta-built model can tell is refused before launch.
     ("meta init without a hook", {"model": {"target": "tests.fixtures.real_models:self_init_mlp", "init": "meta"}, "strategy": {"name": "zero", "stage": 3}, "resources": {"procs_per_node": 2}}, [], "model.init=meta: SelfInitMLP (tests.fixtures.real_models:self_init_mlp) declares no _init_weights(module) hook"),
-    ("meta init with deepspeed", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm", "init": "meta"}, "strategy": {"name": "deepspeed", "stage": 3}, "resources": {"procs_per_node": 2}}, [], "model.init=meta with strategy deepspeed: deepspeed.zero.Init would partition"),
-    ("tensor parallel over a Conv1D", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm"}, "parallel": {"tensor": 2, "tp_plan": {"stack.*.mix": "colwise"}}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: stack.0.mix is a Conv1D; tensor parallel shards nn.Linear layers only"),
+    ("meta init with deepspeed", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm", "kwargs": {}, "init": "meta"}, "strategy": {"name": "deepspeed", "stage": 3}, "resources": {"procs_per_node": 2}}, [], "model.init=meta with strategy deepspeed: deepspeed.zero.Init would partition"),
+    ("tensor parallel over a Conv1D", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm", "kwargs": {}}, "parallel": {"tensor": 2, "tp_plan": {"stack.*.mix": "colwise"}}, "resources": {"procs_per_node": 2}}, [], "parallel.tensor=2: stack.0.mix is a Conv1D; tensor parallel shards nn.Linear layers only"),
     ("layer path that is not there", {"model": {**BASE_SPEC["model"], "layers": "layers"}, "strategy": {"name": "zero", "stage": 3}, "resources": {"procs_per_node": 2}}, [], "model.layers=layers: MLP has no submodule 'layers'"),
     ("layer path that is not a list", {"model": {**BASE_SPEC["model"], "layers": "head"}, "strategy": {"name": "zero", "stage": 2}, "resources": {"procs_per_node": 2}}, [], "model.layers=head: is a Linear, not an nn.ModuleList of layers"),
-    ("pipeline with the model's own loss", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm"}, "loss": "model", "parallel": {"pipeline": 2, "microbatches": 4}, "resources": {"procs_per_node": 2}}, [], "loss=model with parallel.pipeline=2: the last stage does not see the batch's labels"),
+    ("pipeline with the model's own loss", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm", "kwargs": {}}, "loss": "model", "parallel": {"pipeline": 2, "microbatches": 4}, "resources": {"procs_per_node": 2}}, [], "loss=model with parallel.pipeline=2: the last stage does not see the batch's labels"),
     ("init_from not there", {"model": {**BASE_SPEC["model"], "init_from": "no_such.safetensors"}}, [], "model.init_from=no_such.safetensors: no such file"),
     ("distillation with dict batches", {"data": {"feed": "kwargs"}, "compression": {"distill": {"teacher": {"target": "launcher.models:mlp"}}}}, [], "compression.distill needs (input, target) samples and a loss function"),
     ("find_unused_parameters with zero 3", {"strategy": {"name": "zero", "stage": 3, "find_unused_parameters": True}}, [], "strategy: find_unused_parameters and static_graph apply to name ddp"),
