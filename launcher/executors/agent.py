@@ -16,10 +16,15 @@ only. A store on another address (a multi-node rendezvous endpoint) is created a
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import ipaddress
 import os
 import signal
 import socket
+import sys
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from launcher.procs import die_with_parent
@@ -66,6 +71,40 @@ def loopback_store(*args: Any, **kwargs: Any) -> Any:
         call["port"] = listener.getsockname()[1]
         call["master_listen_fd"] = listener.detach()  # the store owns (and closes) the socket from here on
     return TCPStore(**call)
+
+
+def patch_after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Run `patch(module)` once module `name` is imported (now, if it already is), without importing it."""
+    if name in sys.modules:
+        patch(sys.modules[name])
+        return
+    sys.meta_path.insert(0, _AfterImport(name, patch))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchingLoader(spec.loader, self.patch)
+        return spec
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, patch: Callable[[ModuleType], None]) -> None:
+        self.loader, self.patch = loader, patch
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        self.patch(module)
 
 
 def _loopback_stores() -> None:

@@ -3,8 +3,18 @@
 - ScalingConfig from the plan (one worker per rank, 1 CPU each, a GPU each on cuda),
   TorchConfig(backend gloo/nccl, timeout = training.collective_timeout_s),
   RunConfig(storage under the run directory, FailureConfig(max_failures = resources.max_restarts)).
-- Address: `--address`, else RAY_ADDRESS (set inside a Ray job), else an embedded local Ray bound
-  to 127.0.0.1 that this launcher starts and shuts down; a cluster it joined is left alone.
+- Address: `--address`, else RAY_ADDRESS (set inside a Ray job), else an embedded local Ray that
+  this launcher starts and shuts down; a cluster it joined is left alone.
+- The embedded Ray listens on loopback only (measured with ray 2.60, every listening socket of the
+  launch's process tree): its node address is 127.0.0.1 and it has no dashboard. ray.init turns a
+  loopback `_node_ip_address` into the machine's routable address (ray._private.services.
+  resolve_ip_for_localhost); start_ray keeps it loopback, and then gcs_server, raylet, the dashboard
+  and runtime-env agents, the driver and the workers listen on 127.0.0.1 (without that: gcs_server,
+  raylet and the workers on every interface, the agents on the routable address). Ray Train's rank 0
+  hosts the process group's TCPStore, which torch binds to every interface: a worker setup hook
+  (ray_rank.loopback_stores) binds it to 127.0.0.1. If a Ray version drops resolve_ip_for_localhost,
+  the embedded Ray listens as Ray chooses; RAY_ADDRESS naming a head you started is the alternative.
+  A joined cluster (`--address`, RAY_ADDRESS) listens as it was started.
 - Token authentication stays on: RAY_AUTH_MODE=token unless the caller chose a mode.
 - Checkpoints: each complete checkpoint is reported to Ray (copied into RunConfig's storage, the
   newest `checkpoint.keep` kept); Ray restarts the whole worker group and hands it the newest one
@@ -14,8 +24,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from launcher.errors import LaunchError
@@ -23,6 +35,7 @@ from launcher.executors.request import Job, LaunchOptions, LaunchRequest
 from launcher.heartbeat import HEARTBEAT_DIR
 
 TRAIN_LOOP = "launcher.executors.ray_rank:train_loop_per_worker"
+LOOPBACK_HOOK = "launcher.executors.ray_rank.loopback_stores"  # Ray Train rank 0's TCPStore on 127.0.0.1
 
 
 def ray_address(options: LaunchOptions) -> str | None:
@@ -38,7 +51,8 @@ class RayExecutor:
         cpus = max(os.cpu_count() or 1, plan.world_size)
         settings: dict[str, Any] = {
             "ray.init": ({"address": address} if address else
-                         {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": cpus}),
+                         {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": cpus,
+                          "runtime_env": {"worker_process_setup_hook": LOOPBACK_HOOK}}),
             "ray.shutdown": "no (a cluster this launcher joined)" if address else "yes, after the run (embedded Ray)",
             "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
             "train_loop_per_worker": TRAIN_LOOP,
@@ -90,8 +104,25 @@ def start_ray(init: dict[str, Any]) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(**init)
+    with _loopback_node(init.get("_node_ip_address")):
+        ray.init(**init)
     return init["address"] == "local"  # 'local' always starts a new Ray, never an unrelated one found on the machine
+
+
+@contextlib.contextmanager
+def _loopback_node(address: str | None) -> Iterator[None]:
+    """Let ray.init keep a loopback node address (it replaces one with the machine's routable address)."""
+    from ray._private import services
+
+    original = getattr(services, "resolve_ip_for_localhost", None)
+    if address is None or original is None:
+        yield
+        return
+    services.resolve_ip_for_localhost = lambda host: host if host == address else original(host)
+    try:
+        yield
+    finally:
+        services.resolve_ip_for_localhost = original
 
 
 def ray_failures(exc: BaseException) -> dict[int, str]:

@@ -44,3 +44,16 @@ def report_checkpoint(step: int, directory: Path) -> None:
     checkpoint = ray.train.Checkpoint.from_directory(str(directory))
     ray.train.report({"step": step}, checkpoint=checkpoint if ray.train.get_context().get_world_rank() == 0 else None,
                      checkpoint_dir_name=directory.name, delete_local_checkpoint_after_upload=False)
+
+
+def loopback_stores() -> None:
+    """Setup hook of every worker of the embedded Ray (runtime_env worker_process_setup_hook).
+
+    Ray Train's rank 0 hosts the process group's TCPStore at MASTER_ADDR (the node address,
+    127.0.0.1 for the embedded Ray), and torch binds it to every interface: bind it to loopback
+    instead (launcher.executors.agent.loopback_store), without importing torch into workers that
+    never use it.
+    """
+    from launcher.executors.agent import loopback_store, patch_after_import
+
+    patch_after_import("torch.distributed.rendezvous", lambda module: setattr(module, "TCPStore", loopback_store))

@@ -84,6 +84,9 @@ def test_ray_train_matches_local_after_a_worker_is_killed(tmp_path, local_run):
     launch = start_launch(spec, "data.kwargs.delay_s=0.04", args=("--executor", "ray"))
     try:
         wait_for_step(run, KILL_AFTER_STEP, timeout=180)
+        # The embedded Ray (gcs_server, raylet, agents, driver, workers) listens on loopback only.
+        listening = listening_sockets({launch.pid} | descendants(launch.pid))
+        assert len(listening) >= 5 and not_loopback(listening) == [], not_loopback(listening)
         registered = wait_for_ray_checkpoint(run / "ray" / "parity", timeout=60)
         victim = read_heartbeats(run / "heartbeats")[1]["pid"]
         os.kill(victim, signal.SIGKILL)
@@ -177,7 +180,7 @@ def test_a_local_run_listens_on_loopback_only_and_stops_when_its_launcher_is_kil
         listening = listening_sockets(tree)
         # the rendezvous store and the agent store (MASTER_PORT) in the agent, gloo in each rank
         assert len(listening) >= 2, listening
-        assert all(is_loopback_address(address) for address, _ in listening), listening
+        assert not_loopback(listening) == [], listening
         token = launch_token_of(run)
         assert len(launch_processes(token)) >= 2  # the ranks carry the launch token
 
@@ -279,6 +282,19 @@ def _address(hex_address: str) -> str:
     ip = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
     family = socket.AF_INET if len(ip) == 4 else socket.AF_INET6
     return f"{socket.inet_ntop(family, ip)}:{int(port_hex, 16)}"
+
+
+def not_loopback(listening: list[tuple[str, int]]) -> list[tuple[str, int, str]]:
+    """The non-loopback listeners, with their processes' command lines (for the assertion message)."""
+    return [(address, pid, _cmdline(pid)) for address, pid in listening if not is_loopback_address(address)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
 
 
 def is_loopback_address(address: str) -> bool:

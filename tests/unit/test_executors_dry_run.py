@@ -56,6 +56,8 @@ def test_ray_dry_run_maps_the_plan_onto_ray_train(tmp_path, monkeypatch):
                      training={"collective_timeout_s": 60}, checkpoint={"keep": 4})
     s = dry_run(spec, executor="ray").settings
     assert s["ray.init"]["address"] == "local" and s["ray.init"]["_node_ip_address"] == "127.0.0.1"
+    assert s["ray.init"]["include_dashboard"] is False  # the embedded Ray listens on loopback only
+    assert s["ray.init"]["runtime_env"] == {"worker_process_setup_hook": "launcher.executors.ray_rank.loopback_stores"}
     assert s["ScalingConfig"] == {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1}}
     assert s["TorchConfig"] == {"backend": "gloo", "timeout_s": 60}
     assert s["FailureConfig"] == {"max_failures": 3} and s["CheckpointConfig"] == {"num_to_keep": 4}
