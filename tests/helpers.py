@@ -152,6 +152,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def reseal(checkpoint: Path) -> None:
+    """Rewrite a checkpoint's manifest sizes and hashes for its files as they are now, so a tampered
+    file passes the integrity check and what refuses it is the reader itself."""
+    import hashlib
+    import json
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for rel in manifest["files"]:
+        data = (checkpoint / rel).read_bytes()
+        manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
 class Planted:
     """What a tampered checkpoint could hold: unpickling it calls os.makedirs(path)."""
 

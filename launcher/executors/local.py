@@ -11,7 +11,6 @@ run directory must be the same shared directory (checkpoints are written by all 
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from launcher.errors import UserError

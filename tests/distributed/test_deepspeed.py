@@ -10,7 +10,7 @@ from launcher.cli import main
 from launcher.metrics import read_metrics
 from tests.fixtures.build_probe import launched_builds
 from tests.helpers import (BASE_SPEC, Planted, curve, final_params, launch_ok, make_spec, max_param_diff, meshyard,
-                           train_in_process)
+                           reseal, train_in_process)
 
 pytestmark = pytest.mark.distributed
 
@@ -86,6 +86,7 @@ def test_resume_reads_deepspeed_files_with_weights_only(tmp_path):
     run = launch_ok(spec, "training.stop_at_step=2")
     optim_file = next((run / "checkpoints" / "step_00000002" / "deepspeed").glob("*optim_states.pt"))
     torch.save({"optimizer_state_dict": Planted(tmp_path / "planted")}, optim_file)
+    reseal(run / "checkpoints" / "step_00000002")  # past the integrity check: the reader must refuse it
     resumed = meshyard("launch", str(spec))
     assert resumed.returncode != 0
     assert "refused to load, it holds os.makedirs" in resumed.stderr, resumed.stderr[-2000:]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from launcher.metrics import read_metrics
-from tests.helpers import assert_runs_match, launch_ok, make_spec, train_in_process
+from tests.helpers import assert_runs_match, launch_ok, make_spec, meshyard, train_in_process
 
 pytestmark = pytest.mark.distributed
 
@@ -110,3 +110,16 @@ def test_dict_batches_with_masks_split_into_pipeline_micro_batches(tmp_path):
     assert_runs_match(reference, run, 1e-5)
     ref_eval, run_eval = read_metrics(reference)[-1], read_metrics(run)[-1]
     assert abs(ref_eval["eval_accuracy"] - run_eval["eval_accuracy"]) < 1e-9
+
+
+def test_ddp_with_an_unused_layer_needs_and_takes_find_unused_parameters(tmp_path):
+    """A layer that forward never calls: DDP fails at step 2 unless told; told, it matches one process."""
+    model = {**SELF_INIT["model"], "kwargs": {**SELF_INIT["model"]["kwargs"], "unused_layer": True}}
+    sections = {**SELF_INIT, "model": model}
+    reference = train_in_process(make_spec(tmp_path, "reference", **sections))
+    ddp = make_spec(tmp_path, "ddp", **{**sections, "data": {**SELF_INIT["data"], "micro_batch_size": 4}},
+                    strategy={"name": "ddp"}, resources={"procs_per_node": 2})
+    refused = meshyard("launch", str(ddp))
+    assert refused.returncode == 1 and "find_unused_parameters" in refused.stdout + refused.stderr
+    run = launch_ok(ddp, "strategy.find_unused_parameters=true", "checkpoint.resume=auto")
+    assert_runs_match(reference, run, 1e-5)

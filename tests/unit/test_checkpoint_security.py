@@ -21,7 +21,7 @@ from launcher.checkpoint import Checkpointer, CheckpointRefused, find_latest, lo
 from launcher.models import mlp
 from launcher.session import prepare
 from launcher.trainer import train
-from tests.helpers import Planted, make_spec, meshyard, train_in_process
+from tests.helpers import Planted, make_spec, meshyard, reseal, train_in_process
 
 SMALL = {"training": {"max_steps": 4, "log_every": 1, "checkpoint_every": 2}}
 
@@ -46,15 +46,6 @@ def run(tmp_path, pristine) -> tuple[Path, Path]:
 
 def newest(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "step_00000004"
-
-
-def reseal(checkpoint: Path) -> None:
-    """Rewrite the manifest's sizes and hashes for the files as they are now."""
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    for rel in manifest["files"]:
-        data = (checkpoint / rel).read_bytes()
-        manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
 def plant_in_metadata(checkpoint: Path, marker: Path) -> None:
