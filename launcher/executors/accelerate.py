@@ -6,6 +6,8 @@ sharding is refused. On CPU, `accelerate launch` takes the multi-process path on
 `distributed_type: MULTI_GPU` plus ACCELERATE_USE_CPU=1 (-> MULTI_CPU over gloo); `--cpu`,
 `use_cpu: true` and `distributed_type: MULTI_CPU` silently start ONE process. Whatever happens,
 every rank checks the world size it was started into against the plan (launcher.worker).
+One node: the static rendezvous store on 127.0.0.1 and a free port, bound to loopback by the
+launcher's fork (launcher/executors/agent.py), collectives on `lo`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from launcher.errors import UserError
-from launcher.executors.local import rank_threads, worker_command
+from launcher.executors.local import loopback_collectives, rank_threads, worker_command
 from launcher.executors.process import run_process_tree
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
 from launcher.heartbeat import HEARTBEAT_DIR
@@ -90,8 +92,11 @@ class AccelerateExecutor:
                 raise UserError(f"resources.nodes={plan.nodes}: a multi-node launch needs --rdzv-endpoint HOST:PORT")
             host, _, port = options.rdzv_endpoint.rpartition(":")
             argv += ("--main_process_ip", host, "--main_process_port", port)
+        else:  # a free port (29500 would collide with another run), on 127.0.0.1 (torchrun's default address)
+            argv += ("--main_process_port", "0")
         argv += worker
-        env = {**rank_threads(plan.threads_per_rank), "PET_LOG_DIR": str(job.run_dir / "logs")}  # torchrun's --log-dir
+        env = {**rank_threads(plan.threads_per_rank), "PET_LOG_DIR": str(job.run_dir / "logs"),  # torchrun's --log-dir
+               **loopback_collectives(plan.nodes)}
         if plan.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "1"
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank",

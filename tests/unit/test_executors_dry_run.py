@@ -30,6 +30,7 @@ def test_accelerate_dry_run_starts_the_worker_through_the_real_cli(tmp_path):
     assert request.argv[-3:] == ("-m", "launcher.worker", str(run / "spec.json"))
     flags = dict(zip(request.argv[4:-3:2], request.argv[5:-3:2]))
     assert flags["--num_processes"] == "2" and flags["--max_restarts"] == "2"
+    assert flags["--main_process_port"] == "0" and request.env["GLOO_SOCKET_IFNAME"] == "lo"  # free port, loopback
     assert request.env["ACCELERATE_USE_CPU"] == "1"  # MULTI_GPU + this = MULTI_CPU over gloo, several processes
     config = yaml.safe_load(request.generated[flags["--config_file"]])
     assert config["distributed_type"] == "MULTI_GPU" and config["use_cpu"] is False and config["num_processes"] == 2
