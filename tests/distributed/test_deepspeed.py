@@ -46,14 +46,15 @@ def _deepspeed_spec(tmp_path, optimizer: str, stage: int):
 def _assert_matches(ref_run, run, tol: float) -> None:
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 11))
     for key in ("loss", "grad_norm", "penalty"):
-        assert max(abs(a - b) for a, b in zip(curve(ref_run, key), curve(run, key))) < tol, key
+        assert max(abs(a - b) for a, b in zip(curve(ref_run, key), curve(run, key), strict=True)) < tol, key
     assert max_param_diff(final_params(ref_run), final_params(run)) < tol  # consolidated from DeepSpeed's files
 
 
 # Stages 1 and 3 stop at step 5 and resume from DeepSpeed's own checkpoint: the whole curve must
 # still match the uninterrupted 1-process run, so the engine's partitioned state survived the round trip;
 # resuming it at another world size is refused before any process starts.
-@pytest.mark.parametrize("stage,interrupted", [(0, False), (1, True), (2, False), (3, True)])
+# Uninterrupted parity of stages 0-3 (SGD and Adam, self-initializing models) is in test_real_models.py.
+@pytest.mark.parametrize("stage,interrupted", [(1, True), (3, True)])
 def test_sgd_matches_one_process(tmp_path, reference, stage, interrupted):
     spec = _deepspeed_spec(tmp_path, "sgd_momentum", stage)
     if interrupted:
@@ -71,7 +72,7 @@ def test_sgd_matches_one_process(tmp_path, reference, stage, interrupted):
     assert len(builds) == (4 if interrupted else 2) and all(build == [False] * 6 for build in builds)
 
 
-@pytest.mark.parametrize("stage,offload", [(2, "none"), (3, "cpu")])
+@pytest.mark.parametrize("stage,offload", [(3, "cpu")])
 def test_adam_matches_one_process(tmp_path, reference, stage, offload):
     run = launch_ok(_deepspeed_spec(tmp_path, "adam", stage), f"strategy.offload_optimizer={offload}")
     _assert_matches(reference["adam"], run, OPTIMIZERS["adam"][1])

@@ -11,29 +11,20 @@ from tests.helpers import curve, final_params, launch_ok, make_spec, max_param_d
 pytestmark = pytest.mark.distributed
 
 FULL_BATCH_DATA = {"kwargs": {"n": 24, "in_dim": 8, "out_dim": 1}}
-OPTIMIZERS = {
-    "sgd_momentum": ({"name": "sgd", "lr": 0.05, "momentum": 0.9, "l1": 1.0e-3, "l2": 1.0e-3, "grad_clip": 1.0}, 1e-5),
-    "adam": ({"name": "adam", "lr": 0.01, "l1": 1.0e-4, "l2": 1.0e-3, "grad_clip": 1.0}, 1e-4),
-}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_zero_matches_one_process(tmp_path, stage, optimizer):
-    opt, tol = OPTIMIZERS[optimizer]
-    reference = make_spec(tmp_path, "reference", optimizer=opt, data=FULL_BATCH_DATA)
-    ref_run = train_in_process(reference)
-    zero = make_spec(tmp_path, "zero", optimizer=opt, strategy={"name": "zero", "stage": stage},
-                     data={**FULL_BATCH_DATA, "micro_batch_size": 4}, training={"grad_accum_steps": 3},
-                     resources={"procs_per_node": 2})
-    zero_run = launch_ok(zero)
-    assert max(abs(a - b) for a, b in zip(curve(ref_run), curve(zero_run))) < tol
-    assert max(abs(a - b) for a, b in zip(curve(ref_run, "grad_norm"), curve(zero_run, "grad_norm"))) < tol
-    # the DCP checkpoint is sharded; it consolidates into a plain module with no process group
-    assert max_param_diff(final_params(ref_run), final_params(zero_run)) < tol
-    assert main(["export", str(zero_run)]) == 0  # one consolidated file, loadable with weights_only
-    exported = torch.load(zero_run / "export" / "model.pt", weights_only=True)
-    assert max_param_diff(exported, final_params(zero_run)) == 0
+# Parity of stages 1-3 with one process (SGD and Adam, models that set their own weights) is in
+# test_real_models.py; here: resharding on resume, export, and the measured model-state bytes.
+
+
+def test_zero3_export_is_one_consolidated_file(tmp_path):
+    run = launch_ok(make_spec(tmp_path, "zero", strategy={"name": "zero", "stage": 3},
+                              data={**FULL_BATCH_DATA, "micro_batch_size": 4}, training={"grad_accum_steps": 3},
+                              resources={"procs_per_node": 2}))
+    assert main(["export", str(run)]) == 0  # loadable with weights_only, in a process with no group
+    exported = torch.load(run / "export" / "model.pt", weights_only=True)
+    reference = train_in_process(make_spec(tmp_path, "reference", data=FULL_BATCH_DATA))
+    assert max_param_diff(exported, final_params(reference)) < 1e-5
 
 
 RESHARD = {
@@ -68,7 +59,7 @@ def test_checkpoint_from_2_ranks_resumes_at_another_world_size(tmp_path, uninter
     split = launch_ok(split_spec, f"resources.procs_per_node={procs}", f"data.micro_batch_size={micro}",
                       f"training.grad_accum_steps={accum}")  # same global batch of 24
     assert [m["step"] for m in read_metrics(split)] == list(range(1, 21))
-    assert max(abs(a - b) for a, b in zip(uninterrupted(stage), curve(split))) < 1e-5
+    assert max(abs(a - b) for a, b in zip(uninterrupted(stage), curve(split), strict=True)) < 1e-5
 
 
 # >= 10M parameters: 12 blocks of 1024 x 1024 + a head (12 equal tensors split evenly over 2 or 4
