@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.procs import new_launch_token
+from launcher.procs import LAUNCH_TOKEN_ENV, new_launch_token
 
 LOCK_FILE = ".lock"
 
@@ -47,6 +47,7 @@ def hold_run(run_dir: Path, name: str = LOCK_FILE) -> Iterator[dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / name
     fd = _acquire(path)
+    outer_token = os.environ.get(LAUNCH_TOKEN_ENV)
     try:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "token": new_launch_token(), "since": time.time()}
         os.ftruncate(fd, 0)
@@ -59,6 +60,10 @@ def hold_run(run_dir: Path, name: str = LOCK_FILE) -> Iterator[dict[str, Any]]:
                 with contextlib.suppress(OSError):
                     directory.rmdir()
         os.close(fd)
+        if outer_token is None:
+            os.environ.pop(LAUNCH_TOKEN_ENV, None)
+        else:
+            os.environ[LAUNCH_TOKEN_ENV] = outer_token
 
 
 def holders(run_dir: Path) -> list[dict[str, Any]]:
