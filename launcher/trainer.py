@@ -41,6 +41,7 @@ class RankInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    attempt: int = 0  # restarts of the worker group within this launch (torch elastic's restart count)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
                                 _barrier, strategy, async_save=spec.checkpoint.async_save,
                                 on_published=exchange.published)
     checkpointer.remove_partials()
-    resume_from = resume_path(spec, run_dir, exchange.restored)
+    resume_from = resume_path(spec, run_dir, exchange.restored, ranks.attempt)
     if resume_from is not None:
         start_step = _restore(checkpointer, resume_from, strategy, scheduler, compression)
     else:
@@ -204,14 +205,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def resume_path(spec: JobSpec, run_dir: Path, restored: Path | None) -> Path | None:
+def resume_path(spec: JobSpec, run_dir: Path, restored: Path | None, attempt: int = 0) -> Path | None:
     """`auto`: the newer of the orchestrator's checkpoint and this run's newest complete one (the
     orchestrator's on a tie), if any; a path: that checkpoint; `never`: none.
+
+    `never` and a path govern only a launch's first attempt: a restarted worker group (torch
+    elastic's attempt > 0, or Ray handing back a checkpoint) continues from the newest checkpoint
+    this launch wrote, as with `auto`, instead of going back to step 0 or to the given path.
 
     Ray registers a reported checkpoint only when its controller next polls the workers (every 2 s),
     so a group that fails right after a save gets back an older one than the run directory holds.
     """
-    resume = spec.checkpoint.resume
+    resume = "auto" if attempt > 0 or restored is not None else spec.checkpoint.resume
     if resume == "never":
         return None
     if resume != "auto":

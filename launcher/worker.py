@@ -30,6 +30,7 @@ def rank_info_from_env() -> RankInfo:
         rank=int(os.environ.get("RANK", 0)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
     )
 
 

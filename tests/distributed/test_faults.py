@@ -33,6 +33,21 @@ def assert_same_as_reference(run: Path, spec: Path, reference) -> None:
     assert params_equal(final_params(run), params)
 
 
+def test_a_restart_resumes_from_the_newest_checkpoint_even_with_resume_never(tmp_path, reference):
+    """`checkpoint.resume: never` governs the launch's first attempt only: after a rank is killed the
+    restarted group continues from the newest checkpoint this launch wrote, not from step 0."""
+    spec = make_spec(tmp_path, "never", **SLOW, checkpoint={"resume": "never"})
+    run = run_dir(spec)
+    launch = start_launch(spec)
+    seen = wait_for_step(run, 9)  # step 8's checkpoint is published before step 9 is logged
+    os.kill(worker_pids(str(run / "spec.json"))[1], signal.SIGKILL)
+    out, err = launch.communicate(timeout=240)
+    assert launch.returncode == 0, err[-2000:]
+    newest = seen // SLOW["training"]["checkpoint_every"] * SLOW["training"]["checkpoint_every"]
+    assert f"step_{newest:08d} at step {newest}" in out, out[-2000:]
+    assert_same_as_reference(run, spec, reference)
+
+
 @pytest.mark.parametrize("trial", range(5))
 def test_sigkill_of_a_random_rank_recovers_bit_exact(tmp_path, reference, trial):
     result = kill_random_rank_trial(tmp_path, trial, reference)

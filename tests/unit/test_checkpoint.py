@@ -78,4 +78,9 @@ def test_resume_takes_the_newer_of_the_orchestrators_checkpoint_and_the_run_dire
     newer = _fake_checkpoint(run_dir / "checkpoints" / "step_00000008", 8)
     assert resume_path(spec, run_dir, from_ray) == newer
     never = load_spec(make_spec(tmp_path, checkpoint={"resume": "never"}))
-    assert resume_path(never, run_dir, from_ray) is None
+    assert resume_path(never, run_dir, None) is None  # a launch's first attempt
+    # A restart within the launch continues from its newest checkpoint, whatever the first attempt was told.
+    assert resume_path(never, run_dir, None, attempt=1) == newer
+    assert resume_path(never, run_dir, from_ray) == newer
+    given = load_spec(make_spec(tmp_path, checkpoint={"resume": str(from_ray)}))
+    assert resume_path(given, run_dir, None) == from_ray and resume_path(given, run_dir, None, attempt=1) == newer
