@@ -34,6 +34,7 @@ class Heartbeat:
         self.rank, self.step, self.phase = rank, 0, "setup"
         self._main = threading.main_thread().ident
         self._stop = threading.Event()
+        self._failing = False  # the last write failed (said once until a write succeeds again)
         self._thread = threading.Thread(target=self._run, name="meshyard-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
@@ -53,10 +54,21 @@ class Heartbeat:
             self._write()
 
     def _write(self) -> None:
+        """One beat. A failed write (disk full, the directory gone for a moment) is said once and
+        retried at the next beat: a dead heartbeat thread would get a healthy job killed as hung."""
         stack = innermost_frames(sys._current_frames().get(self._main))
         beat = {"rank": self.rank, "pid": os.getpid(), "step": self.step, "phase": self.phase,
                 "time": time.time(), "stack": stack}
-        write_text_atomic(self.path, json.dumps(beat))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(beat))
+        except OSError as exc:
+            if not self._failing:
+                print(f"rank {self.rank}: heartbeat write failed ({exc}); retrying every {INTERVAL_S:g} s",
+                      file=sys.stderr, flush=True)
+            self._failing = True
+        else:
+            self._failing = False
 
 
 def innermost_frames(frame: FrameType | None, limit: int = 8) -> list[str]:
