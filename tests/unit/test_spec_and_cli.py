@@ -45,7 +45,8 @@ def test_plan_prints_the_exact_torchrun_command(tmp_path, capsys):
     assert main(["plan", str(spec)]) == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "test"
-    assert "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2 --max-restarts=3" in out
+    assert ("-m torch.distributed.run --nnodes=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:0 --rdzv-id=test"
+            " --local-addr=127.0.0.1 --nproc-per-node=2 --max-restarts=3") in out
     assert f"-m launcher.worker {run_dir / 'spec.json'}" in out
     assert not run_dir.exists()  # plan starts and writes nothing
 
