@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit = with_spec("submit", "submit `meshyard launch SPEC --executor ray` as a Ray job; prints the job id")
     submit.add_argument("--address", default=None, help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     submit.add_argument("--working-dir", default=".", help="directory packaged for the job (default: the current one;"
-                        " run outputs, .venv and caches are left out); SPEC must be inside it")
+                        " .gitignore/.rayignore honoured; dotfiles (.env, .ssh/, .git/, .venv/), private keys,"
+                        " credentials*.yaml/yml/json, runs/ and caches are left out); SPEC must be inside it")
+    submit.add_argument("--include", dest="includes", action="append", default=[], metavar="PATTERN",
+                        help="upload paths matching PATTERN (gitignore syntax) although left out by default,"
+                             " e.g. --include .github or --include .ssh/config (repeatable)")
     jobs = commands.add_parser("jobs", help="Ray jobs: list | status ID | logs ID [--follow] | stop ID",
                                description="Ray jobs on a cluster: list | status ID | logs ID [--follow] | stop ID")
     jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
@@ -232,13 +236,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from launcher import jobs
+    from launcher.packaging import summary as packaging_summary
     from launcher.session import prepare
 
-    request = jobs.submission(args.spec, args.overrides, args.working_dir)
+    jobs.submission(args.spec, args.overrides, args.working_dir)  # SPEC inside the working dir, or one line
     spec = os.path.abspath(args.spec)
-    os.chdir(args.working_dir)  # targets resolve against the packaged directory, as they will on the cluster
+    working_dir = os.path.abspath(args.working_dir)
+    os.chdir(working_dir)  # targets resolve against the packaged directory, as they will on the cluster
     prepare(spec, args.overrides)  # bad input fails here, not on the cluster
-    job_id = jobs.submit(jobs.job_client(args.address), request)
+    package = jobs.package(spec, working_dir, args.includes)
+    print(packaging_summary(package), flush=True)
+    client = jobs.job_client(args.address)
+    job_id, request = jobs.submit_package(client, spec, args.overrides, package)
     print(f"submitted {job_id}: {request['entrypoint']}")
     print(f"follow it with: meshyard jobs logs {job_id} --follow --address {args.address or '$RAY_ADDRESS'}")
     return 0
