@@ -5,6 +5,8 @@
 The kwargs other than `arch` are the architecture's config fields. Train them with
 `data.feed: kwargs` (samples are dicts: input_ids, attention_mask, labels) and `loss: model` (the
 model shifts the labels and returns its own loss). Needs the `hf` extra (transformers, safetensors).
+Under `parallel.pipeline` both are cut into stage modules (strategies/pipeline.py), GPT-2 only with
+`tie_word_embeddings: false`; see docs/models.md.
 """
 from __future__ import annotations
 

@@ -242,17 +242,14 @@ def _meta_model(spec: JobSpec) -> Any:
 
 
 def _check_pipeline(spec: JobSpec, layout: MeshLayout, layers: tuple[str, Any] | None) -> None:
+    from strategies.pipeline import check_pipeline_model
+
     if layers is None:
         raise PlanError(f"parallel.pipeline={layout.pp_degree}: the model ({spec.model.target}) has no list of repeated"
                         " layers (an nn.ModuleList) for pipeline stages to split; name it with model.layers")
     path, blocks = layers
-    if "." in path:
-        raise PlanError(f"parallel.pipeline={layout.pp_degree}: the layer list {path} is nested; pipeline stages need"
-                        " it as a direct child of the model (whose forward skips modules set to None)")
-    if spec.loss == "model":
-        raise PlanError(f"loss=model with parallel.pipeline={layout.pp_degree}: the last stage does not see the"
-                        " batch's labels; name a loss function (e.g. token_cross_entropy)")
-    try:
+    try:  # built-in models (forward skips None modules) or the HF causal LMs strategies/pipeline.py knows
+        check_pipeline_model(_meta_model(spec), path, spec.loss == "model", spec.data.feed, layout.pp_degree)
         stage_block_ranges(len(blocks), layout.num_stages, layout.split_points, path)
     except ValueError as exc:
         raise PlanError(str(exc)) from None

@@ -12,6 +12,7 @@ window it moves the same bytes as DDP with no_sync.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from strategies.grads import local
 from strategies.layers import find_layers
 from strategies.layout import MeshLayout
 from strategies.model_init import ModelRecipe
-from strategies.pipeline import build_schedule, pipeline_split
+from strategies.pipeline import build_schedule, pipeline_model_loss, pipeline_split
 from strategies.single import SingleProcessStrategy
 from strategies.tensor_parallel import apply_tp, resolve_tp_plan
 
@@ -48,6 +49,7 @@ class MeshStrategy(SingleProcessStrategy):
         self.has_first_stage = 0 in local_stages
         self.has_last_stage = layout.num_stages - 1 in local_stages
         self._loss_scale = 1.0
+        self._model_loss = None  # loss: model under pipeline parallel (see setup)
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
@@ -57,6 +59,11 @@ class MeshStrategy(SingleProcessStrategy):
         if self.layout.pp_degree > 1:
             layers = find_layers(model, self.layout.layers)
             owner, stages = pipeline_split(model, self.layout, self.pp_rank, layers[0] if layers else "blocks")
+            if self.feed.loss_from_model:
+                # The last stage returns logits: the model's loss is recomputed from them and the labels,
+                # which reach it as the schedule's target (and no longer go to the first stage).
+                self._model_loss = pipeline_model_loss(model)
+                self.feed = dataclasses.replace(self.feed, loss_from_model=False)
         else:
             owner, stages = model, [model]
         if recipe.init == "meta":
@@ -69,7 +76,7 @@ class MeshStrategy(SingleProcessStrategy):
         self.module = self.model = owner.to(self.device)
         self.stages = stages
         self.optimizer = build_optimizer(owner.parameters())
-        self.loss_fn = loss_fn
+        self.loss_fn = self._model_loss or loss_fn
         if self.layout.pp_degree > 1:
             self.schedule = build_schedule(self.layout, stages, self.pp_rank, self.device, self.groups["pp"],
                                            self._scaled_loss, self.layout.microbatches)
@@ -139,7 +146,7 @@ class MeshStrategy(SingleProcessStrategy):
     def evaluate(self, batch: Batch) -> Any:
         if self.layout.pp_degree == 1:
             return super().evaluate(batch)
-        args, kwargs, _ = self.feed.split(to_device(batch, self.device))
+        args, kwargs, target = self.feed.split(to_device(batch, self.device))
         self.module.eval()
         try:
             # A one-micro-batch schedule of fresh stages: buffers are sized per call, so any eval batch fits.
@@ -151,6 +158,8 @@ class MeshStrategy(SingleProcessStrategy):
             self.module.train()
         box = [tree_map(lambda tensor: tensor.float().cpu(), output) if self.has_last_stage else None]
         dist.broadcast_object_list(box, group=self.groups["pp"], group_src=self.layout.pp_degree - 1)
+        if self._model_loss is not None:  # what the model would return: its logits and its loss
+            return {"logits": box[0], "loss": self._model_loss(box[0], target.cpu())}
         return box[0]
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,12 @@ ROWS = [(arch, row_id, row, procs, dp) for arch in TINY for row_id, row, procs, 
     ("zero2", {"strategy": {"name": "zero", "stage": 2}}, 2, 2),
     ("zero3", {"strategy": {"name": "zero", "stage": 3}}, 2, 2),
     ("deepspeed2", {"strategy": {"name": "deepspeed", "stage": 2}}, 2, 2),
-)] + [("llama", "tensor2", {"parallel": {"tensor": 2}}, 2, 1)]
+)] + [
+    ("llama", "tensor2", {"parallel": {"tensor": 2}}, 2, 1),
+    # stage modules: embeddings -> decoder layers with rotary positions computed in each stage -> norm + head;
+    # the last stage recomputes the model's loss from its logits and the labels (the schedule's target)
+    ("llama", "pipeline2", {"parallel": {"pipeline": 2, "schedule": "1f1b", "microbatches": 4}}, 2, 1),
+]
 
 
 @pytest.mark.parametrize("arch,row_id,row,procs,dp", ROWS, ids=[f"{r[0]}-{r[1]}" for r in ROWS])
