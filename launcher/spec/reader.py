@@ -109,10 +109,20 @@ class BoundedLoader(_BoundedComposer, _Parser, SafeConstructor, Resolver):  # ty
         _BoundedComposer.__init__(self)
 
 
+def _load_single(text: str) -> Any:
+    """`yaml.safe_load` with the bounded composer: the same steps as yaml.load, with SafeConstructor
+    (plain data only, no Python objects), but the loader class is ours."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """Parse one YAML document within the limits; any problem is a one-line UserError naming `source`."""
     try:
-        return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - BoundedLoader is a SafeLoader
+        return _load_single(text)
     except _Refused as exc:
         raise UserError(f"{source}: {exc}") from None
     except yaml.MarkedYAMLError as exc:

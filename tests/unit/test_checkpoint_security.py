@@ -19,6 +19,7 @@ import torch
 
 from launcher.checkpoint import Checkpointer, CheckpointRefused, find_latest, load_model_weights
 from launcher.models import mlp
+from launcher.safe_dcp import read_metadata_file
 from launcher.session import prepare
 from launcher.trainer import train
 from tests.helpers import Planted, make_spec, meshyard, reseal, train_in_process
@@ -49,7 +50,7 @@ def newest(run_dir: Path) -> Path:
 
 
 def plant_in_metadata(checkpoint: Path, marker: Path) -> None:
-    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # our own, untampered file
+    metadata = read_metadata_file(checkpoint / ".metadata")  # our own, untampered file
     metadata.planner_data["innocuous"] = Planted(marker)  # plain pickle.load runs it, then loads normally
     (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
     reseal(checkpoint)
@@ -57,7 +58,7 @@ def plant_in_metadata(checkpoint: Path, marker: Path) -> None:
 
 def plant_in_bytes_entry(checkpoint: Path, marker: Path, fqn: str = "optim.param_groups.0.lr") -> None:
     """Replace one non-tensor entry of a .distcp file by a pickled payload, moving later entries."""
-    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())
+    metadata = read_metadata_file(checkpoint / ".metadata")
     index = next(i for i in metadata.storage_data if i.fqn == fqn)
     info = metadata.storage_data[index]
     buffer = io.BytesIO()
