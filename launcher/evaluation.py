@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from launcher.components import correct_predictions
 from strategies import BatchFeed, Strategy
 from strategies.batch import batch_size, model_output
 
@@ -54,8 +55,9 @@ def _score(output: torch.Tensor, target: Any, shifted: bool, totals: torch.Tenso
     """Add this batch's hits to `totals`; which kind of labels it had (None: not a classification)."""
     if not isinstance(target, torch.Tensor) or target.is_floating_point():
         return None
-    if output.ndim == 2 and target.ndim == 1 and output.shape[1] > 1:
-        totals[2] += (output.argmax(dim=1) == target).sum()
+    hits = correct_predictions(output, target)  # the same rule quantize's report uses
+    if hits is not None:
+        totals[2] += hits
         return "classes"
     if output.ndim == 3 and target.ndim == 2:
         logits, labels = (output[:, :-1], target[:, 1:]) if shifted else (output, target)

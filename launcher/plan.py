@@ -223,7 +223,7 @@ def check_model_layout(spec: JobSpec, plan: Plan) -> None:
     if layout is None:
         return
     if layout.pp_degree > 1:
-        _check_pipeline(spec, layout, layers)
+        _check_pipeline(spec, layout, model, layers)
     if layout.tp_degree > 1:
         _check_tensor_parallel(spec, layout, model)
 
@@ -241,7 +241,7 @@ def _meta_model(spec: JobSpec) -> Any:
                         f" before launch) failed: {type(exc).__name__}: {exc}") from None
 
 
-def _check_pipeline(spec: JobSpec, layout: MeshLayout, layers: tuple[str, Any] | None) -> None:
+def _check_pipeline(spec: JobSpec, layout: MeshLayout, model: Any, layers: tuple[str, Any] | None) -> None:
     from strategies.pipeline import check_pipeline_model
 
     if layers is None:
@@ -249,7 +249,7 @@ def _check_pipeline(spec: JobSpec, layout: MeshLayout, layers: tuple[str, Any] |
                         " layers (an nn.ModuleList) for pipeline stages to split; name it with model.layers")
     path, blocks = layers
     try:  # built-in models (forward skips None modules) or the HF causal LMs strategies/pipeline.py knows
-        check_pipeline_model(_meta_model(spec), path, spec.loss == "model", spec.data.feed, layout.pp_degree)
+        check_pipeline_model(model, path, spec.loss == "model", spec.data.feed, layout.pp_degree)
         stage_block_ranges(len(blocks), layout.num_stages, layout.split_points, path)
     except ValueError as exc:
         raise PlanError(str(exc)) from None

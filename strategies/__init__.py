@@ -22,9 +22,8 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
         from strategies.ddp import DDPStrategy
         from strategies.zero1 import ZeroOneStrategy
 
-        strategy = (DDPStrategy if name == "ddp" else ZeroOneStrategy)(device, precision, feed)
-        strategy.find_unused_parameters, strategy.static_graph = find_unused_parameters, static_graph
-        return strategy
+        return (DDPStrategy if name == "ddp" else ZeroOneStrategy)(device, precision, feed, find_unused_parameters,
+                                                                 static_graph)
     if name == "zero":
         from strategies.fsdp import FSDPStrategy
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from strategies.batch import BatchFeed
 from strategies.data_parallel import DataParallelStrategy
 
 
@@ -22,8 +23,10 @@ def apply_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bo
 class DDPStrategy(DataParallelStrategy):
     """Every rank holds the whole model; ranks see disjoint slices of each global batch."""
 
-    find_unused_parameters = False  # set from strategy.find_unused_parameters / static_graph by build_strategy
-    static_graph = False
+    def __init__(self, device: torch.device, precision: str, feed: BatchFeed = BatchFeed(),
+                 find_unused_parameters: bool = False, static_graph: bool = False) -> None:
+        super().__init__(device, precision, feed)
+        self.find_unused_parameters, self.static_graph = find_unused_parameters, static_graph
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         return apply_ddp(model, self.device, self.find_unused_parameters, self.static_graph)
