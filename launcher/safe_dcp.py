@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint._traverse import set_element
 from torch.futures import Future
 
-from launcher.checkpoint import CheckpointRefused
+from launcher.manifest import CheckpointRefused
 
 _METADATA_CLASSES = (
     dcp_metadata.Metadata, dcp_metadata.MetadataIndex, dcp_metadata.StorageMeta, dcp_metadata.TensorStorageMetadata,
