@@ -78,7 +78,7 @@ def meshyard_loop(workdir: Path) -> float:
     from launcher.plan import make_plan
     from launcher.spec import validate_spec
     from launcher.trainer import RankInfo, train
-    from launcher.worker import rank_info_from_env
+    from launcher.rank import rank_info_from_env
 
     spec = validate_spec({**SPEC, "output": {"dir": str(workdir)}})
     ranks: RankInfo = rank_info_from_env()

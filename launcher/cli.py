@@ -15,6 +15,7 @@ import time
 
 from launcher.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, LaunchError, UserError
 from launcher.executors.request import LaunchOptions
+from launcher.interrupts import LAUNCH_SIGNALS, Preempted
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: every process of the job was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Preempted:
+        print("preempted before the job started: nothing ran; run the same command to start it", file=sys.stderr)
+        return EXIT_PREEMPTED
     except BrokenPipeError:
         # The reader went away (`meshyard plan SPEC | head`): stop quietly, as other command-line tools do.
         # stdout is pointed at /dev/null so the interpreter's final flush does not fail a second time.
@@ -171,6 +175,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    LAUNCH_SIGNALS.install()  # first: a SIGTERM/Ctrl-C at any later moment keeps the exit-code contract
     from launcher.runlock import hold_run, lock_file
     from launcher.session import prepare
     from launcher.startup import LAUNCHED_AT_ENV
@@ -195,7 +200,16 @@ def _launch_holding_the_lock(session, options: LaunchOptions, started: float) ->
     executor = get_executor(options.executor)
     session.write_spec()
     print(f"launching ({options.executor}): {request.headline()}", flush=True)
-    executor.run(request)
+    try:
+        LAUNCH_SIGNALS.raise_if_signalled()
+        executor.run(request)
+    except LaunchError:
+        if not LAUNCH_SIGNALS.terminated:
+            raise
+        # preempted while starting: ranks that had not taken the signal yet died of it
+        print("preempted: the job stopped before a checkpoint of this launch; run the same command to resume",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
     step = session.preempted_step(since=started)
     if step is not None:
         print(f"preempted: checkpoint written at step {step}; run the same command to resume", file=sys.stderr)

@@ -5,8 +5,6 @@ desynchronize the collectives of the next step.
 """
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,26 +12,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launcher.interrupts import PreemptionFlag
+
 
 class NonFiniteError(RuntimeError):
     """Raised on every rank when training.on_nonfinite is `stop` and a step went NaN/Inf."""
-
-
-class PreemptionFlag:
-    """Set by SIGTERM; the loop checkpoints at the next step boundary and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> PreemptionFlag:
-        """Only the main thread may set signal handlers: under Ray Train the loop runs in another
-        thread, and Ray itself owns the worker's signals (preemption there is Ray's business)."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
 
 
 @dataclass(frozen=True)

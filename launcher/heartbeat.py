@@ -3,7 +3,13 @@
 A daemon thread in each rank rewrites `<run>/heartbeats/rank<r>.json` every second with the last
 completed step, the phase, and where the main thread is right now (its innermost Python frames).
 Collectives release the GIL, so the thread keeps beating while the main thread waits on a peer;
-that is what tells a rank stuck in its own code from ranks waiting for it.
+that is what tells a rank stuck in its own code from ranks waiting for it. A rank whose beats stop
+while the others' go on is frozen (SIGSTOP, a debugger, a C call that holds the GIL).
+
+The launcher's watch (HangWatch) must decide before the process group's own timeout fires: once it
+fires, the healthy ranks fail first ("Timed out") and would be blamed. Each beat therefore says how
+long the main thread has been waiting in the same collective (`waiting_s`), and the watch declares
+a hang when any rank has waited `watch_seconds(timeout)` - a margin short of the timeout.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from launcher.atomic import write_text_atomic
 
 HEARTBEAT_DIR = "heartbeats"
 INTERVAL_S = 1.0
+FROZEN_AFTER_S = 5.0  # a rank whose beats lag the others' by this much has stopped running
 # Frames inside these files mean "waiting for other ranks", not "stuck in this rank's own code".
 COMMUNICATION_PATHS = ("torch/distributed/", "torch/nn/parallel/", "torch/autograd/", "torch/_tensor.py",
                        "launcher/guards.py")  # the per-step agreement waits there
@@ -35,6 +42,8 @@ class Heartbeat:
         self._main = threading.main_thread().ident
         self._stop = threading.Event()
         self._failing = False  # the last write failed (said once until a write succeeds again)
+        self._waiting: tuple[Any, ...] | None = None  # (step, phase, innermost frame) of the current wait
+        self._waiting_since = 0.0
         self._thread = threading.Thread(target=self._run, name="meshyard-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
@@ -57,8 +66,9 @@ class Heartbeat:
         """One beat. A failed write (disk full, the directory gone for a moment) is said once and
         retried at the next beat: a dead heartbeat thread would get a healthy job killed as hung."""
         stack = innermost_frames(sys._current_frames().get(self._main))
+        now = time.time()
         beat = {"rank": self.rank, "pid": os.getpid(), "step": self.step, "phase": self.phase,
-                "time": time.time(), "stack": stack}
+                "time": now, "stack": stack, "waiting_s": self._waited(stack, now)}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path, json.dumps(beat))
@@ -69,6 +79,17 @@ class Heartbeat:
             self._failing = True
         else:
             self._failing = False
+
+
+    def _waited(self, stack: list[str], now: float) -> float:
+        """Seconds the main thread has been in the same wait for peers (0 when not waiting)."""
+        if not stack or not _is_communication(stack[-1]):
+            self._waiting = None
+            return 0.0
+        where = (self.step, self.phase, stack[-1])
+        if where != self._waiting:
+            self._waiting, self._waiting_since = where, now
+        return now - self._waiting_since
 
 
 def innermost_frames(frame: FrameType | None, limit: int = 8) -> list[str]:
@@ -94,45 +115,79 @@ def read_heartbeats(directory: Path) -> dict[int, dict[str, Any]]:
     return beats
 
 
+def _is_communication(frame: str) -> bool:
+    return any(part in frame.replace("\\", "/") for part in COMMUNICATION_PATHS)
+
+
 def in_communication(beat: dict[str, Any]) -> bool:
-    innermost = beat["stack"][-1] if beat.get("stack") else ""
-    return any(part in innermost.replace("\\", "/") for part in COMMUNICATION_PATHS)
+    return bool(beat.get("stack")) and _is_communication(beat["stack"][-1])
+
+
+def frozen_ranks(beats: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """rank -> seconds its last beat is older than the newest beat of any rank, for ranks that stopped
+    beating while others went on. Relative to the other ranks, not to now, so it holds after the job
+    ended too (every beat is old then, the frozen rank's much older)."""
+    if len(beats) < 2:
+        return {}
+    newest = max(b["time"] for b in beats.values())
+    return {r: newest - b["time"] for r, b in beats.items() if newest - b["time"] > FROZEN_AFTER_S}
 
 
 def diagnose(beats: dict[int, dict[str, Any]]) -> dict[int, str]:
-    """rank -> what it was doing, stuck ranks first: those outside communication, else the slowest."""
+    """rank -> what it was doing, stuck ranks first: frozen ones, else those outside communication,
+    else the slowest."""
     if not beats:
         return {}
+    frozen = frozen_ranks(beats)
     outside = [r for r, b in beats.items() if not in_communication(b)]
     lowest = min(b["step"] for b in beats.values())
-    stuck = outside or [r for r, b in beats.items() if b["step"] == lowest]
+    stuck = list(frozen) or outside or [r for r, b in beats.items() if b["step"] == lowest]
     report = {}
     for rank in sorted(beats, key=lambda r: (r not in stuck, r)):
         beat = beats[rank]
         where = beat["stack"][-1] if beat.get("stack") else "unknown"
-        if rank in stuck:
+        if rank in frozen:
+            lines = [f"stopped responding after step {beat['step']} ({beat['phase']}): no heartbeat for"
+                     f" {frozen[rank]:.0f} s while the others beat (process stopped or frozen), last in {where}"]
+        elif rank in stuck:
             lines = [f"stuck after step {beat['step']} ({beat['phase']}), in {where}"]
-            lines += [f"  {frame}" for frame in beat.get("stack", [])[-6:-1]]
-            report[rank] = "\n".join(lines)
         else:
             report[rank] = f"waiting for peers after step {beat['step']} ({beat['phase']}), in {where}"
+            continue
+        lines += [f"  {frame}" for frame in beat.get("stack", [])[-6:-1]]
+        report[rank] = "\n".join(lines)
     return report
 
 
+def watch_seconds(timeout_s: float) -> float:
+    """How long a rank may wait in one collective before the launcher calls the job hung: short of
+    the process group's timeout by 20% (at least 5 s), so the diagnosis comes first."""
+    return max(0.5 * timeout_s, timeout_s - max(5.0, 0.2 * timeout_s))
+
+
 class HangWatch:
-    """Declares a hang when every rank has beaten at least once and none progressed for timeout_s."""
+    """Declares a hang, once every rank has beaten at least once, when
+    - a rank has waited for its peers in one collective for `watch_seconds(timeout_s)` (any phase,
+      start-up included), or
+    - after start-up, no rank progressed (step or phase) for timeout_s (ranks stuck in their own code).
+    """
 
     def __init__(self, directory: Path, world_size: int, timeout_s: float) -> None:
         self.directory, self.world_size, self.timeout_s = directory, world_size, timeout_s
+        self.watch_s = watch_seconds(timeout_s)
         self._last_state: tuple[Any, ...] | None = None
         self._last_change = time.monotonic()
 
     def stalled(self) -> bool:
         beats = read_heartbeats(self.directory)
-        if len(beats) < self.world_size or any(b["phase"] == "setup" for b in beats.values()):
-            self._last_change = time.monotonic()  # still starting: rendezvous and init have their own timeouts
+        if len(beats) < self.world_size:
+            self._last_change = time.monotonic()  # still starting: the agent's rendezvous has its own timeout
             return False
+        # The waits of the ranks that still beat. A beat that stopped coming is not extrapolated: its
+        # rank may be frozen, or just unable to write (disk full); a frozen rank's peers wait on it.
+        if any(b.get("waiting_s", 0.0) > self.watch_s for b in beats.values()):
+            return True
         state = tuple(sorted((r, b["step"], b["phase"]) for r, b in beats.items()))
-        if state != self._last_state:
+        if state != self._last_state or any(b["phase"].startswith("setup") for b in beats.values()):
             self._last_state, self._last_change = state, time.monotonic()
         return time.monotonic() - self._last_change > self.timeout_s

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = run_dir / METRICS_FILE
         self.bar = None
+        self._unwritten: list[str] = []  # records a failed write (disk full) left in memory, oldest first
         if not enabled:
             return
         # On resume, drop records past the checkpoint so the file reads as one uninterrupted run.
@@ -46,8 +48,14 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")  # one write per record: a kill cuts at most the last line
+        self._unwritten.append(json.dumps(record) + "\n")
+        try:
+            append_whole(self.path, "".join(self._unwritten))
+        except OSError as exc:  # a full disk for a while must not end the run: keep the records, retry next time
+            if len(self._unwritten) == 1:
+                self.say(f"warning: {self.path}: {exc.strerror or exc}; holding records in memory until it can be written")
+        else:
+            self._unwritten.clear()
         self.say(format_record(record))
 
     def say(self, line: str) -> None:
@@ -59,8 +67,30 @@ class MetricsLogger:
             print(line, flush=True)
 
     def close(self) -> None:
+        """Writes what a full disk held back; if it still cannot, the run ends with that error."""
         if self.bar is not None:
             self.bar.close()
+        if self._unwritten:
+            append_whole(self.path, "".join(self._unwritten))
+            self._unwritten.clear()
+
+
+def append_whole(path: Path, text: str) -> None:
+    """Append `text` or nothing: a write cut short (disk full) is truncated away, so the file never
+    holds half a record that the retry would glue to the next one. One write per call: a kill cuts at
+    most the last line (read_metrics skips it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def format_record(r: dict[str, Any]) -> str:

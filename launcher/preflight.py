@@ -1,7 +1,9 @@
-"""Checks made before anything is written or started: factory kwargs, and a usable run directory.
+"""Checks made before anything is started: factory kwargs, a usable run directory, a training set
+that holds at least one global batch.
 
-Both would otherwise surface late: a misspelt kwarg as a TypeError in every rank, an unusable
-`output.dir` as an OSError traceback from the first mkdir. Here each is one SpecError (exit 2).
+Each would otherwise surface late: a misspelt kwarg as a TypeError in every rank, an unusable
+`output.dir` as an OSError traceback from the first mkdir, a small dataset as a ValueError traceback
+from every rank's sampler. Here each is one SpecError (exit 2).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from launcher.errors import SpecError
 from launcher.imports import check_kwargs, resolve
+from launcher.plan import Plan
 from launcher.spec.schema import JobSpec
 
 ROOM_FOR_RUN_FILES = 200  # characters below the run directory (checkpoints/step_.../__0_0.distcp.<pid>.tmp)
@@ -28,6 +31,22 @@ def check_component_kwargs(spec: JobSpec) -> None:
         teacher = distill.teacher
         field = "compression.distill.teacher"
         check_kwargs(resolve(teacher.target, f"{field}.target"), teacher.target, teacher.kwargs, f"{field}.kwargs")
+
+
+def check_training_set(spec: JobSpec, plan: Plan) -> None:
+    """The training set holds one global batch. Builds it once here (datasets are usually lazy: a
+    file list, a tensor), so its factory's own errors are one line too."""
+    try:
+        train = resolve(spec.data.target, "data.target")(**spec.data.kwargs)
+        size = len(train)
+    except SpecError:
+        raise
+    except Exception as exc:  # the user's factory: its message, without our traceback around it
+        raise SpecError("data.target", f"{spec.data.target}(**data.kwargs) failed: {type(exc).__name__}: {exc}") from None
+    if size < plan.global_batch_size:
+        raise SpecError("data", f"the training set has {size} items, fewer than one global batch of"
+                                f" {plan.global_batch_size} (`meshyard plan` shows how it is made up); lower"
+                                " data.micro_batch_size or training.grad_accum_steps")
 
 
 def check_run_dir(output_dir: str, run_dir: Path) -> None:

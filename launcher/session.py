@@ -87,11 +87,12 @@ def prepare(spec_file: str, overrides: list[str]) -> Session:
     spec = load_spec(spec_file, overrides)
     plan = make_plan(spec, cuda_available=_cuda_available())
     from launcher.components import check_targets
-    from launcher.preflight import check_component_kwargs, check_run_dir
+    from launcher.preflight import check_component_kwargs, check_run_dir, check_training_set
 
     check_targets(spec)
     check_component_kwargs(spec)
     check_model_layout(spec, plan)
+    check_training_set(spec, plan)
     session = Session(spec, plan)
     check_run_dir(spec.output.dir, session.run_dir)
     return session

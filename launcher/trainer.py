@@ -20,7 +20,8 @@ from launcher.checkpoint import Checkpointer, find_latest, read_manifest
 from launcher.components import batch_feed, build_collate, build_datasets, build_loss, model_recipe
 from launcher.compression.hooks import Compression
 from launcher.evaluation import evaluate_split
-from launcher.guards import NonFiniteError, PreemptionFlag, StepAgreement
+from launcher.guards import NonFiniteError, StepAgreement
+from launcher.interrupts import PreemptionFlag
 from launcher.heartbeat import Heartbeat
 from launcher.memory import model_state_bytes, peak_rss_bytes
 from launcher.metrics import MetricsLogger, read_metrics
@@ -55,14 +56,18 @@ class CheckpointExchange:
 
 def train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo = RankInfo(),
           preemption: PreemptionFlag | None = None, clock: StartupClock | None = None,
-          exchange: CheckpointExchange = CheckpointExchange()) -> dict[str, Any]:
-    """Run (or resume) the job on this rank; return the run summary."""
+          exchange: CheckpointExchange = CheckpointExchange(), heartbeat: Heartbeat | None = None) -> dict[str, Any]:
+    """Run (or resume) the job on this rank; return the run summary. The heartbeat is the caller's
+    when it started one before importing torch (launcher/worker.py), else it lives here."""
     started = time.perf_counter()
-    heartbeat = Heartbeat(run_dir, ranks.rank).start()
+    own_heartbeat = heartbeat is None
+    heartbeat = heartbeat or Heartbeat(run_dir, ranks.rank).start()
+    heartbeat.update(0, "setup")
     try:
         return _train(spec, plan, run_dir, ranks, preemption, heartbeat, started, clock or StartupClock(), exchange)
     finally:
-        heartbeat.stop()
+        if own_heartbeat:
+            heartbeat.stop()
 
 
 def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption: PreemptionFlag | None,

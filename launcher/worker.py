@@ -1,102 +1,43 @@
-"""Per-rank entry point. Every executor starts this same code with torchrun's environment
-contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the resolved spec as a JSON file:
-torchrun and `accelerate launch` run the module, Ray Train's workers call `run_rank`.
+"""Per-rank entry point of torchrun and `accelerate launch`, with torchrun's environment contract
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the resolved spec as a JSON file:
 
     python -m launcher.worker <run_dir>/spec.json [node=R]
 
 `node=R` only marks the processes of node R's launcher (several launchers on one machine).
+
+This module imports only the standard library and two small meshyard modules: the preemption flag
+and the heartbeat start before torch is imported (~2 s), so a SIGTERM relayed during start-up is a
+preemption, not a death, and a rank stopped during start-up is seen by the launcher's hang watch.
 """
 from __future__ import annotations
 
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from launcher.guards import PreemptionFlag
-from launcher.imports import ensure_cwd_importable
-from launcher.plan import make_plan
-from launcher.spec import spec_from_json_file
-from launcher.startup import StartupClock
-from launcher.trainer import CheckpointExchange, RankInfo, train
+from launcher.heartbeat import Heartbeat
+from launcher.interrupts import PreemptionFlag
 
 
-def rank_info_from_env() -> RankInfo:
-    return RankInfo(
-        rank=int(os.environ.get("RANK", 0)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
-    )
-
-
-def init_process_group(backend: str, ranks: RankInfo, timeout: timedelta) -> None:
-    """Join the job's process group through torchrun's environment contract.
-
-    Under torchrun the agent's store outlives a restart of the worker group, and torch 2.13 does not
-    namespace it by attempt: a restarted group read the dead group's gloo addresses and hung or got
-    "Connection refused". Keys are therefore namespaced by TORCHELASTIC_RESTART_COUNT here.
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        dist.init_process_group(backend, timeout=timeout)
-        return
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ranks.world_size,
-                          is_master=False, timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"meshyard/attempt_{attempt}", store),
-                            rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
-
-
-@record  # writes this rank's exception to torchrun's error file, so the launcher can report it
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (1, 2) or (len(args) == 2 and not args[1].startswith("node=")):
         raise SystemExit("usage: python -m launcher.worker RUN_DIR/spec.json [node=R]")
-    summary = run_rank(Path(args[0]), StartupClock())
+    spec_path = Path(args[0])
+    preemption = PreemptionFlag().install()
+    heartbeat = Heartbeat(spec_path.parent, int(os.environ.get("RANK", 0))).start()
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        from launcher.rank import format_summary, run_rank
+        from launcher.startup import StartupClock
+
+        # record: writes this rank's exception to torchrun's error file, so the launcher can report it
+        summary = record(run_rank)(spec_path, StartupClock(), preemption=preemption, heartbeat=heartbeat)
+    finally:
+        heartbeat.stop()
     if int(os.environ.get("RANK", 0)) == 0:
         print(format_summary(summary), flush=True)
-
-
-def run_rank(spec_path: Path, clock: StartupClock, exchange: CheckpointExchange = CheckpointExchange()) -> dict:
-    """Check the world this process was started into, join the process group, train; the summary.
-
-    Ray Train has already formed the process group when it calls this (and exchanges checkpoints
-    with the loop); other executors have not.
-    """
-    ensure_cwd_importable()
-    spec = spec_from_json_file(spec_path)
-    plan = make_plan(spec, cuda_available=torch.cuda.is_available())
-    ranks = rank_info_from_env()
-    if ranks.world_size != plan.world_size:
-        # Some launchers silently start one process, or several independent ones: refuse to train.
-        raise RuntimeError(
-            f"rank {ranks.rank} sees WORLD_SIZE={ranks.world_size}, but the plan needs {plan.world_size}"
-            " processes: the executor started the wrong number of processes"
-        )
-    preemption = PreemptionFlag().install()  # SIGTERM: checkpoint at the next step boundary, exit 0
-    joined_here = plan.strategy != "single" and not dist.is_initialized()
-    if joined_here:
-        init_process_group(plan.backend, ranks, timedelta(seconds=spec.training.collective_timeout_s))
-    clock.mark("pg_init")
-    try:
-        return train(spec, plan, spec_path.parent, ranks, preemption, clock, exchange)
-    finally:
-        if joined_here and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def format_summary(summary: dict) -> str:
-    verb = "preempted" if summary.get("preempted") else "done"
-    parts = [f"{verb}: {summary['steps']}/{summary['max_steps']} steps in {summary['wall_s']:.1f} s"]
-    for key in ("final_loss", "eval_loss"):
-        if summary.get(key) is not None:
-            parts.append(f"{key.replace('_', ' ')} {summary[key]:.5f}")
-    parts.append(f"checkpoint {summary['checkpoint']}")
-    return " | ".join(parts)
 
 
 if __name__ == "__main__":

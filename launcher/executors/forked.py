@@ -19,6 +19,8 @@ import time
 import traceback
 import warnings
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+
 
 class ForkedCommand:
     """A Popen-like handle (pid, poll, wait) on `argv` = (python, "-m", module, *args) run in a fork."""
@@ -64,6 +66,8 @@ def _run_module(module: str, args: list[str], env: dict[str, str], launcher: int
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except SignalException as exc:  # torch elastic's agent was told to stop (by the launcher): no traceback
+        code = 128 + int(exc.sigval)
     except BaseException as exc:  # what the interpreter would print for an uncaught exception
         if os.getppid() != launcher:  # stopped by its parent-death signal: the launcher is gone, say so once
             print(f"meshyard: the launcher (PID {launcher}) died; the job was stopped ({exc})", file=sys.stderr)

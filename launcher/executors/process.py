@@ -1,10 +1,12 @@
 """Run an executor's process tree (torchrun, `accelerate launch`) and watch it until it ends.
 
-The command runs in a fork of the launcher (launcher/executors/forked.py), in its own session so that Ctrl-C and failures tear down all of it. While it runs,
-the launcher watches the ranks' heartbeats: a job in which no rank progresses for
-`training.collective_timeout_s` is diagnosed (which rank is stuck, where) and torn down. When a
-rank fails, its exception (written by the worker's @record into the agent's log dir) comes back as a
-rank -> error map.
+The command runs in a fork of the launcher (launcher/executors/forked.py), in its own session so
+that Ctrl-C and failures tear down all of it. While it runs, the launcher watches the ranks'
+heartbeats (launcher/heartbeat.py): a hung job is diagnosed (which rank is stuck or stopped, where)
+and torn down before the process group's own timeout would blame the waiting ranks; and a SIGTERM
+the launcher received is relayed to each rank once it can take it (launcher/interrupts.py). When a
+rank fails, its exception (written by the worker's @record into the agent's log dir) comes back as
+a rank -> error map.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 from launcher.errors import LaunchError
 from launcher.executors.forked import ForkedCommand
 from launcher.executors.request import LaunchRequest
-from launcher.heartbeat import HangWatch, diagnose, read_heartbeats
+from launcher.heartbeat import HangWatch, diagnose, frozen_ranks, read_heartbeats
+from launcher.interrupts import LAUNCH_SIGNALS
 from launcher.procs import adopt_orphans, kill_launch, launch_token, stop_tree, worker_pids
 
 TRACE_LINES = 4
@@ -25,39 +28,51 @@ POLL_S = 0.5
 
 
 def run_process_tree(request: LaunchRequest) -> None:
-    """Start request.argv, wait for it, and raise LaunchError naming the failing ranks."""
+    """Start request.argv, wait for it, and raise LaunchError naming the failing ranks (or the stuck one)."""
     started = time.time()
     request.write_generated()
-    _clear_heartbeats(Path(request.heartbeat_dir))
+    heartbeats = Path(request.heartbeat_dir)
+    _clear_heartbeats(heartbeats)
     token = launch_token()  # in our environment, so the agent and every rank inherit it
     adopted = adopt_orphans(True)  # a rank whose agent died stays below us, where the cleanup looks
-    proc = ForkedCommand(request.argv, request.env)  # = the printed command, minus a Python start and torch import
-    previous = signal.signal(signal.SIGTERM, lambda *_: _forward_sigterm(token))
+    proc: ForkedCommand | None = None
     try:
-        code = _wait(proc, request)
+        LAUNCH_SIGNALS.raise_if_signalled()  # the last moment a signal stops the launch before it starts anything
+        LAUNCH_SIGNALS.relaying = True  # from here a SIGTERM is relayed to the ranks (_relay_preemption)
+        proc = ForkedCommand(request.argv, request.env)  # = the printed command, minus a Python start and torch import
+        code = _wait(proc, request, token)
     except KeyboardInterrupt:
-        stop_tree(proc, token)
+        if proc is not None:
+            stop_tree(proc, token)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         kill_launch(token, os.getpid())
         if adopted:
             adopt_orphans(False)
     if code != 0:
         failures = collect_failures(Path(request.log_dir), since=started)
+        if _timed_out(failures) and frozen_ranks(beats := read_heartbeats(heartbeats)):
+            # the process group's timeout fired before the watch decided: blame the rank that stopped, not its peers
+            raise LaunchError(f"the job hung: a collective timed out after {request.hang_timeout_s:g} s"
+                              " (training.collective_timeout_s); stopped every process", diagnose(beats))
         raise LaunchError(f"the job failed ({request.executor} exit code {code})", failures)
 
 
-def _wait(proc: ForkedCommand, request: LaunchRequest) -> int:
-    watch = HangWatch(Path(request.heartbeat_dir), request.world_size, request.hang_timeout_s)
+def _wait(proc: ForkedCommand, request: LaunchRequest, token: str) -> int:
+    heartbeats = Path(request.heartbeat_dir)
+    watch = HangWatch(heartbeats, request.world_size, request.hang_timeout_s)
+    relayed: set[int] = set()
     while (code := proc.poll()) is None:
         time.sleep(POLL_S)
+        if LAUNCH_SIGNALS.terminated:
+            _relay_preemption(token, heartbeats, relayed)
         if watch.stalled():
-            report = diagnose(read_heartbeats(Path(request.heartbeat_dir)))
-            stop_tree(proc, launch_token(), grace_s=2.0)
+            report = diagnose(read_heartbeats(heartbeats))
+            stop_tree(proc, token, grace_s=2.0)
             raise LaunchError(
-                f"the job hung: no rank made progress for {request.hang_timeout_s:g} s"
-                " (training.collective_timeout_s); stopped every process", report)
+                f"the job hung: a rank waited {watch.watch_s:g} s for its peers, or none progressed for"
+                f" {request.hang_timeout_s:g} s (training.collective_timeout_s {request.hang_timeout_s:g} s);"
+                " stopped every process", report)
     return code
 
 
@@ -67,13 +82,23 @@ def _clear_heartbeats(directory: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _forward_sigterm(token: str) -> None:
-    """Preemption of the launcher: every rank checkpoints at its next step boundary and exits."""
+def _relay_preemption(token: str, heartbeats: Path, relayed: set[int]) -> None:
+    """SIGTERM to every rank of this launch that has installed its preemption flag (it beats: the flag
+    comes first, launcher/worker.py) and has not had it yet. A rank still starting gets it at a later
+    poll; the ranks of a restarted group are new processes and get it too. Each then checkpoints at
+    its next step boundary and exits."""
+    beating = {beat.get("pid") for beat in read_heartbeats(heartbeats).values()}
     for pid in worker_pids(token, root=os.getpid()).values():
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        if pid in beating and pid not in relayed:
+            relayed.add(pid)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _timed_out(failures: dict[int, str]) -> bool:
+    return any("timed out" in text.lower() or "timeout" in text.lower() for text in failures.values())
 
 
 def collect_failures(log_dir: Path, since: float) -> dict[int, str]:

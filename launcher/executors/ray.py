@@ -1,4 +1,4 @@
-"""Ray executor: Ray Train's TorchTrainer starts one worker per rank, each running `launcher.worker`'s code.
+"""Ray executor: Ray Train's TorchTrainer starts one worker per rank, each running `launcher.rank.run_rank`.
 
 - ScalingConfig from the plan (one worker per rank, 1 CPU each, a GPU each on cuda),
   TorchConfig(backend gloo/nccl, timeout = training.collective_timeout_s),

@@ -22,7 +22,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from launcher.trainer import CheckpointExchange
-    from launcher.worker import format_summary, run_rank
+    from launcher.rank import format_summary, run_rank
 
     if Path(config["cwd"]).is_dir():  # Ray starts workers in its own directory; user code lives in the launcher's
         os.chdir(config["cwd"])

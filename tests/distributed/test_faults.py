@@ -4,9 +4,13 @@ Every recovery is held to the uninterrupted run: same metrics and parameters, bi
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest
 
 from launcher.procs import processes_with_marker, worker_pids
 from tests.faults import SLOW, kill_random_rank_trial, reference_run
-from tests.helpers import (comparable, final_params, launch_ok, make_spec, meshyard, params_equal, run_dir,
+from tests.helpers import (REPO, comparable, final_params, launch_ok, make_spec, meshyard, params_equal, run_dir,
                            start_launch, wait_for_step)
 
 pytestmark = pytest.mark.distributed
@@ -81,6 +85,40 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(tmp_path, reference,
     assert_same_as_reference(run, spec, reference)
 
 
+@pytest.mark.parametrize("delay_s", [0.5, 2.5, 4.5])
+def test_sigterm_at_any_moment_of_start_up_exits_75_and_the_same_command_resumes(tmp_path, reference, delay_s):
+    """0.5 s: the launcher is still planning (nothing is started); 2.5 s: ranks are importing torch
+    (their flag is installed, the relayed signal waits for them); 4.5 s: the first steps."""
+    spec = make_spec(tmp_path, "early", **SLOW)
+    run = run_dir(spec)
+    launch = start_launch(spec)
+    time.sleep(delay_s)
+    launch.send_signal(signal.SIGTERM)
+    _, err = launch.communicate(timeout=120)
+    assert launch.returncode == 75, err[-3000:]
+    assert processes_with_marker(str(run / "spec.json")) == []
+    resumed = meshyard("launch", str(spec))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if "checkpoint written at step " in err:
+        step = int(err.split("checkpoint written at step ")[1].split(";")[0])
+        assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in resumed.stdout
+    else:
+        assert "preempted before the job started" in err and "resumed from" not in resumed.stdout
+    assert_same_as_reference(run, spec, reference)
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 2.5])
+def test_ctrl_c_during_start_up_exits_130_and_leaves_nothing_running(tmp_path, delay_s):
+    spec = make_spec(tmp_path, "early_int", **SLOW)
+    launch = start_launch(spec)
+    time.sleep(delay_s)
+    launch.send_signal(signal.SIGINT)
+    _, err = launch.communicate(timeout=30)
+    assert launch.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert processes_with_marker(str(run_dir(spec) / "spec.json")) == []
+
+
 def test_ctrl_c_stops_every_process_and_frees_the_port(tmp_path):
     spec = make_spec(tmp_path, "interrupted", **{**SLOW, "training": {**SLOW["training"], "max_steps": 2000}})
     run = run_dir(spec)
@@ -109,6 +147,51 @@ def test_hung_rank_is_named_and_torn_down(tmp_path):
     assert report[1].startswith("  rank 1 (first to fail): stuck after step 4 (step), in ")
     assert "faulty.py" in report[1] and "in forward" in report[1]
     assert processes_with_marker(str(run_dir(spec) / "spec.json")) == []
+
+
+STOP_TIMEOUT_S = 10
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_a_stopped_rank_is_named_within_the_timeout_bound(tmp_path, trial):
+    """SIGSTOP of a seeded-random rank (trial 0: during start-up, before the process group exists):
+    the report names it, not the peer waiting for it, within the process-group timeout + 30 s."""
+    rng = random.Random(trial)
+    victim, at_step = rng.randint(0, 1), (0 if trial == 0 else rng.randint(2, 15))
+    spec = make_spec(tmp_path, "stopped", **{**SLOW, "training": {**SLOW["training"], "max_steps": 2000}})
+    run = run_dir(spec)
+    marker = str(run / "spec.json")
+    launch = start_launch(spec, f"training.collective_timeout_s={STOP_TIMEOUT_S}")
+    if at_step == 0:
+        while len(worker_pids(marker)) < 2 or len(list((run / "heartbeats").glob("rank*.json"))) < 2:
+            time.sleep(0.02)
+    else:
+        wait_for_step(run, at_step)
+    os.kill(worker_pids(marker)[victim], signal.SIGSTOP)
+    stopped = time.monotonic()
+    _, err = launch.communicate(timeout=STOP_TIMEOUT_S + 60)
+    assert time.monotonic() - stopped < STOP_TIMEOUT_S + 30
+    assert launch.returncode == 1
+    report = err[err.index("error: the job hung"):].splitlines()
+    assert report[1].startswith(f"  rank {victim} (first to fail): stopped responding after step "), report
+    assert processes_with_marker(marker) == []
+
+
+def test_a_disk_full_window_does_not_end_a_healthy_job(tmp_path):
+    """2.5 s with not one free byte on the run's filesystem (a real tmpfs, in a private mount
+    namespace) in the middle of training: heartbeats and metrics retry, the job ends normally."""
+    output = tmp_path / "small_disk"
+    steps = 300  # ~15 s after the window: longer than the timeout, so heartbeats that died would be called a hang
+    spec = make_spec(tmp_path, "diskfull", **{
+        **SLOW, "output": {"dir": str(output)}, "resources": {"procs_per_node": 2, "max_restarts": 0},
+        "training": {**SLOW["training"], "max_steps": steps, "checkpoint_every": 0, "collective_timeout_s": 10}})
+    result = subprocess.run(["unshare", "-rm", sys.executable, "-m", "tests.fixtures.disk_full", str(spec), str(output),
+                             "10", "2.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["returncode"] == 0, outcome["stderr_tail"]
+    assert "heartbeat write failed (" in outcome["stderr_tail"]  # the window really hit the run
+    assert outcome["steps"] == list(range(1, steps + 1))  # no record lost or repeated
 
 
 def test_nonfinite_stop_names_the_step(tmp_path):

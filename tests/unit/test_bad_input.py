@@ -70,6 +70,8 @@ CASES = [
     ("pipeline with the model's own loss", {"model": {"target": "tests.fixtures.real_models:odd_layers_lm", "kwargs": {}}, "loss": "model", "parallel": {"pipeline": 2, "microbatches": 4}, "resources": {"procs_per_node": 2}}, [], "loss=model with parallel.pipeline=2: the last stage does not see the batch's labels"),
     ("init_from not there", {"model": {**BASE_SPEC["model"], "init_from": "no_such.safetensors"}}, [], "model.init_from=no_such.safetensors: no such file"),
     ("distillation with dict batches", {"data": {"feed": "kwargs"}, "compression": {"distill": {"teacher": {"target": "launcher.models:mlp"}}}}, [], "compression.distill needs (input, target) samples and a loss function"),
+    ("dataset smaller than a global batch", {"data": {"kwargs": {"n": 40, "in_dim": 8, "out_dim": 1}}, "training": {"max_steps": 3, "grad_accum_steps": 2}}, [], "data: the training set has 40 items, fewer than one global batch of 48"),
+    ("dataset factory raises", {"data": {"kwargs": {"n": -1, "in_dim": 8, "out_dim": 1}}}, [], "data.target: launcher.data:synthetic_regression(**data.kwargs) failed: RuntimeError"),
     ("find_unused_parameters with zero 3", {"strategy": {"name": "zero", "stage": 3, "find_unused_parameters": True}}, [], "strategy: find_unused_parameters and static_graph apply to name ddp"),
 ]
 RAW_FILES = [
@@ -291,7 +293,7 @@ def test_read_only_output_dir(tmp_path):
 
 
 def test_site_limit_can_be_raised_for_a_big_machine(tmp_path, capsys, monkeypatch):
-    spec = make_spec(tmp_path, resources={"procs_per_node": 300})
+    spec = make_spec(tmp_path, resources={"procs_per_node": 300}, data={"micro_batch_size": 1})  # 480 items >= 300
     assert main(["validate", str(spec)]) == 2
     monkeypatch.setenv("MESHYARD_MAX_PROCS_PER_NODE", "512")
     assert main(["validate", str(spec)]) == 0, capsys.readouterr().err

@@ -169,7 +169,7 @@ def test_launch_and_rank_start_import_no_checkpoint_machinery(tmp_path):
     """torch.distributed.checkpoint (with DTensor) costs ~1 s to import on 2 cores: the launcher
     needs it only to check a checkpoint it resumes from, a rank only at its first save or load."""
     spec = make_spec(tmp_path, resources={"procs_per_node": 2})
-    probe = ("import sys; from launcher.session import prepare; import launcher.worker;"
+    probe = ("import sys; from launcher.session import prepare; import launcher.rank;"
              f" prepare({str(spec)!r}, []).check_before_launch();"
              " print(sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
