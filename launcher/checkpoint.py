@@ -68,9 +68,10 @@ def find_latest(root: Path, warn: Callable[[str], None] | None = None) -> Path |
 
 
 def check_loadable(path: Path) -> None:
-    """What the launcher checks before ranks start: files intact, rank files weights-only, and for
-    DCP the metadata and every non-tensor entry readable without running code (launcher.safe_dcp).
-    CheckpointRefused (one line naming the file) otherwise."""
+    """What the launcher checks before ranks start: files intact, rank files weights-only, for DCP
+    the metadata and every non-tensor entry readable without running code (launcher.safe_dcp), for
+    DeepSpeed no class in any file's pickle beyond its three data classes. CheckpointRefused (one
+    line naming the file) otherwise."""
     check_intact(path)
     for rank_file in sorted(path.glob("rank*.pt")):
         load_rank_file(rank_file)
@@ -78,6 +79,14 @@ def check_loadable(path: Path) -> None:
         from launcher.safe_dcp import check_dcp
 
         check_dcp(path)
+    else:
+        from strategies.deepspeed_checkpoint import UnreadableCheckpoint, check_pickled_globals
+
+        for engine_file in sorted(path.rglob("*.pt")):
+            try:
+                check_pickled_globals(engine_file)
+            except UnreadableCheckpoint as exc:
+                raise CheckpointRefused(str(exc)) from None
 
 
 def load_rank_file(path: Path) -> dict[str, Any]:

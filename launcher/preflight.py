@@ -42,7 +42,8 @@ def check_training_set(spec: JobSpec, plan: Plan) -> None:
     except SpecError:
         raise
     except Exception as exc:  # the user's factory: its message, without our traceback around it
-        raise SpecError("data.target", f"{spec.data.target}(**data.kwargs) failed: {type(exc).__name__}: {exc}") from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise SpecError("data.target", f"{spec.data.target}(**data.kwargs) failed: {type(exc).__name__}: {first_line}") from None
     if size < plan.global_batch_size:
         raise SpecError("data", f"the training set has {size} items, fewer than one global batch of"
                                 f" {plan.global_batch_size} (`meshyard plan` shows how it is made up); lower"

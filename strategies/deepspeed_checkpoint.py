@@ -27,12 +27,26 @@ class UnreadableCheckpoint(Exception):
     """A DeepSpeed checkpoint file this code refuses to read; the message is one line for the user."""
 
 
-def _deepspeed_data_classes() -> list[type]:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+# The only non-tensor classes DeepSpeed's files may name (by import path: checked without importing DeepSpeed).
+DEEPSPEED_DATA_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.utils.tensor_fragment.fragment_address")
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+
+def _deepspeed_data_classes() -> list[type]:
+    import importlib
+
+    return [getattr(importlib.import_module(module), name)
+            for module, name in (path.rsplit(".", 1) for path in DEEPSPEED_DATA_CLASSES)]
+
+
+def check_pickled_globals(path: Path) -> None:
+    """Refuse a file whose pickle names anything but weights-only types and DeepSpeed's data classes.
+    Reads the pickle only, no tensor data: cheap enough for the launcher to check every file first."""
+    extra = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(DEEPSPEED_DATA_CLASSES))
+    if extra:
+        raise UnreadableCheckpoint(f"{path}: refused to load, it holds {', '.join(extra)}"
+                                   " (DeepSpeed checkpoints are read with weights_only=True)")
 
 
 def load_weights_only(path: str | Path, map_location: MapLocation = "cpu") -> Any:
@@ -42,10 +56,9 @@ def load_weights_only(path: str | Path, map_location: MapLocation = "cpu") -> An
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError:
-            names = {f"{cls.__module__}.{cls.__name__}" for cls in allowed}
-            extra = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - names)
-            raise UnreadableCheckpoint(f"{path}: refused to load, it holds {', '.join(extra) or 'a non-tensor object'}"
-                            " (DeepSpeed checkpoints are read with weights_only=True)") from None
+            check_pickled_globals(Path(path))
+            raise UnreadableCheckpoint(f"{path}: refused to load, it holds a non-tensor object"
+                                       " (DeepSpeed checkpoints are read with weights_only=True)") from None
 
 
 def weights_only_checkpoint_engine() -> Any:

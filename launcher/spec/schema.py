@@ -133,7 +133,7 @@ class TrainingSpec(Section):
     )
     collective_timeout_s: float = Field(
         default=300.0, gt=0, le=MAX_TIMEOUT_S,
-        description="process-group timeout; also how long the launcher waits on a job with no progress (at most a day)"
+        description="process-group timeout (at most a day); the launcher calls a job hung 20% (>= 5 s) sooner, naming the stuck rank"
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update"

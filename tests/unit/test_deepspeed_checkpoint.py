@@ -9,7 +9,7 @@ import torch
 from launcher.cli import main
 from launcher.session import prepare
 from strategies.deepspeed_checkpoint import CHECKPOINT_TAG, UnreadableCheckpoint, consolidated_state_dict, load_weights_only
-from tests.helpers import Planted, make_spec
+from tests.helpers import Planted, make_spec, reseal
 
 
 def test_a_pickled_callable_is_refused_and_never_called(tmp_path):
@@ -47,3 +47,25 @@ def test_export_of_a_tampered_zero_checkpoint_is_refused(tmp_path, capsys):
     assert err.startswith("error: ") and "optim_states.pt: refused to load, it holds os.makedirs" in err
     assert len(err.strip().splitlines()) == 1
     assert not planted.exists() and not (session.run_dir / "export").exists()
+
+
+def test_launch_refuses_a_tampered_deepspeed_checkpoint_before_any_rank_starts(tmp_path, capsys):
+    """The manifest resealed over the tampered file: what refuses it is the launcher's pickle check,
+    one line, before ranks would have refused it in their tracebacks."""
+    spec = make_spec(tmp_path, strategy={"name": "deepspeed", "stage": 1})
+    session = prepare(str(spec), [])
+    checkpoint = session.run_dir / "checkpoints" / "step_00000001"
+    (checkpoint / CHECKPOINT_TAG).mkdir(parents=True)
+    planted = tmp_path / "planted"
+    torch.save({"optimizer_state_dict": Planted(planted)},
+               checkpoint / CHECKPOINT_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    files = {f"{CHECKPOINT_TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt": {}}
+    (checkpoint / "manifest.json").write_text(json.dumps({"step": 1, "world_size": 1, "format": "deepspeed",
+                                                          "files": files}))
+    reseal(checkpoint)
+    (session.run_dir / "checkpoints" / "latest").write_text("step_00000001")
+    assert main(["launch", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "optim_states.pt: refused to load, it holds os.makedirs" in err
+    assert not planted.exists() and not (session.run_dir / "heartbeats").exists()
