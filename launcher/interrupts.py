@@ -7,9 +7,9 @@ handlers before anything heavy is imported (this module imports only the standar
 - The launcher (`LaunchSignals`): until the job's processes exist, SIGTERM raises `Preempted` and
   SIGINT `KeyboardInterrupt`, and nothing is started. The launcher also checks the flags before it
   starts them (`raise_if_signalled`), so a signal swallowed by some library's bare `except:` during
-  imports is still obeyed. Once the processes exist, SIGTERM is only remembered (`relaying`): the
-  executor relays it to every rank that has installed its flag, and whatever way the job then ends,
-  the launch ends as preempted.
+  imports is still obeyed. Once the processes exist, SIGTERM is remembered and handed to the
+  executor's `relay` (at once, and again at each poll for ranks that start later): it goes to every
+  rank that has installed its flag, and whatever way the job then ends, the launch ends as preempted.
 - Each rank (`PreemptionFlag`): SIGTERM sets a flag the loop reads at its next step boundary, where
   the rank checkpoints and exits 0.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -47,7 +48,7 @@ class LaunchSignals:
     def __init__(self) -> None:
         self.terminated = False  # SIGTERM seen
         self.interrupted = False  # SIGINT seen
-        self.relaying = False  # the job's processes exist: SIGTERM is relayed to them, not raised
+        self.relay: Callable[[], None] | None = None  # the job's processes exist: SIGTERM goes to them
 
     def install(self) -> LaunchSignals:
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -58,13 +59,14 @@ class LaunchSignals:
         """Before committing to start processes: a signal some library swallowed is obeyed here."""
         if self.interrupted:
             raise KeyboardInterrupt
-        if self.terminated and not self.relaying:
+        if self.terminated and self.relay is None:
             raise Preempted
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.terminated = True
-        if not self.relaying:
+        if self.relay is None:
             raise Preempted
+        self.relay()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.interrupted = True

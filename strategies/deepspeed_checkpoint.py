@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,10 +44,31 @@ def _deepspeed_data_classes() -> list[type]:
 def check_pickled_globals(path: Path) -> None:
     """Refuse a file whose pickle names anything but weights-only types and DeepSpeed's data classes.
     Reads the pickle only, no tensor data: cheap enough for the launcher to check every file first."""
-    extra = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(DEEPSPEED_DATA_CLASSES))
+    try:
+        extra = sorted(_unsafe_globals(path) - set(DEEPSPEED_DATA_CLASSES))
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UnreadableCheckpoint(f"{path}: refused to load, its pickle cannot be read safely ({exc})") from None
     if extra:
         raise UnreadableCheckpoint(f"{path}: refused to load, it holds {', '.join(extra)}"
                                    " (DeepSpeed checkpoints are read with weights_only=True)")
+
+
+def _unsafe_globals(path: Path) -> set[str]:
+    """The globals a torch.save file's pickle names that weights_only does not allow, without running it.
+
+    torch's public reader (`get_unsafe_globals_in_checkpoint`) takes the zip format only; DeepSpeed
+    writes the legacy one (magic number, protocol, system info, then the object's pickle, then raw
+    storages). For that, the same private scanner and allowlist torch's reader uses: torch 2.13 has no
+    public name for either."""
+    from torch import _weights_only_unpickler as scanner
+
+    if zipfile.is_zipfile(path):
+        return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    with path.open("rb") as f:
+        for _header in range(3):
+            scanner.get_globals_in_pkl(f)
+        named = scanner.get_globals_in_pkl(f)
+    return named - set(scanner._get_allowed_globals()) - set(scanner._get_user_allowed_globals())
 
 
 def load_weights_only(path: str | Path, map_location: MapLocation = "cpu") -> Any:

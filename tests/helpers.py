@@ -70,6 +70,31 @@ def launch_ok(spec_path: Path, *overrides: str, args: tuple[str, ...] = (), env:
     return run_dir(spec_path)
 
 
+def launch_resumed(spec_path: Path, from_step: int, *overrides: str, args: tuple[str, ...] = ()) -> Path:
+    """`meshyard launch` that must resume from step `from_step`'s checkpoint: it says so, and keeps
+    the metrics rows up to that step exactly as the earlier launch wrote them (see assert_resumed)."""
+    run = run_dir(spec_path)
+    before = read_metrics(run)
+    sets = [a for o in overrides for a in ("--set", o)]
+    result = meshyard("launch", str(spec_path), *sets, *args)
+    assert result.returncode == 0, f"launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    checkpoint = run / "checkpoints" / f"step_{from_step:08d}"
+    assert f"resumed from {checkpoint} at step {from_step}" in result.stdout, result.stdout[-3000:]
+    assert_resumed(run, before, from_step)
+    return run
+
+
+def assert_resumed(run: Path, before: list[dict[str, Any]], from_step: int) -> None:
+    """The rows logged up to `from_step` are the earlier launch's, timings included, and the rest
+    continue from there: a launch that ignored the checkpoint would have retrained from step 1 and
+    rewritten every row (same losses, other timings)."""
+    kept = [m for m in before if m["step"] <= from_step]
+    after = read_metrics(run)
+    assert kept, f"nothing was logged up to step {from_step}: the check would prove nothing"
+    assert after[: len(kept)] == kept, "rows before the checkpoint were rewritten: the launch did not resume"
+    assert [m["step"] for m in after[len(kept):]] == list(range(kept[-1]["step"] + 1, after[-1]["step"] + 1))
+
+
 def train_in_process(spec_path: Path, *overrides: str) -> Path:
     """A 1-process reference run, in this process (no torchrun, no process group)."""
     session = prepare(str(spec_path), list(overrides))
@@ -88,15 +113,19 @@ def curve(run: Path, key: str = "loss") -> list[float]:
     return [m[key] for m in read_metrics(run)]
 
 
-def assert_runs_match(reference: Path, run: Path, tol: float, keys: tuple[str, ...] = ("loss", "penalty", "grad_norm")) -> None:
-    """`run` logged the reference's steps, its curves are within `tol` at every step, the reference
-    trained (the loss fell: equal curves cannot be two flat lines), and the consolidated final
-    weights are within `tol`."""
+def assert_runs_match(reference: Path, run: Path, tol: float,
+                      keys: tuple[str, ...] = ("loss", "penalty", "grad_norm", "eval_loss")) -> None:
+    """The one parity check of the suite: `run` logged the reference's steps, each curve is within
+    `tol` at every step (a key logged by one run must be logged by the other at the same steps),
+    the reference trained (the loss fell: equal curves cannot be two flat lines), and the
+    consolidated final weights are within `tol`."""
     ref, got = read_metrics(reference), read_metrics(run)
     assert len(ref) > 1 and [m["step"] for m in got] == [m["step"] for m in ref]
     for key in keys:
-        diffs = [abs(a[key] - b[key]) for a, b in zip(ref, got, strict=True)]
-        assert max(diffs) < tol, (key, diffs)
+        pairs = [(a.get(key), b.get(key)) for a, b in zip(ref, got, strict=True)]
+        assert all((x is None) == (y is None) for x, y in pairs), f"{key} logged by one run only"
+        diffs = [abs(x - y) for x, y in pairs if x is not None]
+        assert not diffs or max(diffs) < tol, (key, diffs)
     assert ref[-1]["loss"] < ref[0]["loss"]
     assert max_param_diff(final_params(reference), final_params(run)) < tol
 

@@ -38,9 +38,10 @@ def run_process_tree(request: LaunchRequest) -> None:
     proc: ForkedCommand | None = None
     try:
         LAUNCH_SIGNALS.raise_if_signalled()  # the last moment a signal stops the launch before it starts anything
-        LAUNCH_SIGNALS.relaying = True  # from here a SIGTERM is relayed to the ranks (_relay_preemption)
+        relayed: set[int] = set()
+        LAUNCH_SIGNALS.relay = lambda: _relay_preemption(token, heartbeats, relayed)  # from here SIGTERM goes to ranks
         proc = ForkedCommand(request.argv, request.env)  # = the printed command, minus a Python start and torch import
-        code = _wait(proc, request, token)
+        code = _wait(proc, request)
     except KeyboardInterrupt:
         if proc is not None:
             stop_tree(proc, token)
@@ -58,17 +59,16 @@ def run_process_tree(request: LaunchRequest) -> None:
         raise LaunchError(f"the job failed ({request.executor} exit code {code})", failures)
 
 
-def _wait(proc: ForkedCommand, request: LaunchRequest, token: str) -> int:
+def _wait(proc: ForkedCommand, request: LaunchRequest) -> int:
     heartbeats = Path(request.heartbeat_dir)
     watch = HangWatch(heartbeats, request.world_size, request.hang_timeout_s)
-    relayed: set[int] = set()
     while (code := proc.poll()) is None:
         time.sleep(POLL_S)
-        if LAUNCH_SIGNALS.terminated:
-            _relay_preemption(token, heartbeats, relayed)
+        if LAUNCH_SIGNALS.terminated and LAUNCH_SIGNALS.relay is not None:
+            LAUNCH_SIGNALS.relay()  # ranks that started (or restarted) since the signal
         if watch.stalled():
             report = diagnose(read_heartbeats(heartbeats))
-            stop_tree(proc, token, grace_s=2.0)
+            stop_tree(proc, launch_token(), grace_s=2.0)
             raise LaunchError(
                 f"the job hung: a rank waited {watch.watch_s:g} s for its peers, or none progressed for"
                 f" {request.hang_timeout_s:g} s (training.collective_timeout_s {request.hang_timeout_s:g} s);"
@@ -86,7 +86,7 @@ def _relay_preemption(token: str, heartbeats: Path, relayed: set[int]) -> None:
     """SIGTERM to every rank of this launch that has installed its preemption flag (it beats: the flag
     comes first, launcher/worker.py) and has not had it yet. A rank still starting gets it at a later
     poll; the ranks of a restarted group are new processes and get it too. Each then checkpoints at
-    its next step boundary and exits."""
+    its next step boundary and exits. Runs in the SIGTERM handler too, so it only reads files."""
     beating = {beat.get("pid") for beat in read_heartbeats(heartbeats).values()}
     for pid in worker_pids(token, root=os.getpid()).values():
         if pid in beating and pid not in relayed:

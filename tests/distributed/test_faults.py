@@ -5,10 +5,12 @@ Every recovery is held to the uninterrupted run: same metrics and parameters, bi
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from launcher.guards import VOTE_PERIOD_S
+from launcher.metrics import read_metrics
 from launcher.procs import processes_with_marker, worker_pids
 from tests.faults import SLOW, kill_random_rank_trial, reference_run
-from tests.helpers import (REPO, comparable, final_params, launch_ok, make_spec, meshyard, params_equal, run_dir,
-                           start_launch, wait_for_step)
+from tests.helpers import (REPO, comparable, final_params, launch_ok, launch_resumed, make_spec, meshyard, params_equal,
+                           run_dir, start_launch, wait_for_step)
 
 pytestmark = pytest.mark.distributed
 
@@ -73,15 +77,18 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(tmp_path, reference,
     spec = make_spec(tmp_path, "preempted", **SLOW)
     run = run_dir(spec)
     launch = start_launch(spec)
-    wait_for_step(run, 6)
+    seen = wait_for_step(run, 6)
     pid = launch.pid if target == "launcher" else worker_pids(str(run / "spec.json"))[1]
     os.kill(pid, signal.SIGTERM)
     out, err = launch.communicate(timeout=120)
     assert launch.returncode == 75, err[-3000:]
     stopped_at = int(err.split("checkpoint written at step ")[1].split(";")[0])
-    assert 6 <= stopped_at < 20
+    # docs/failures.md: acted on within about VOTE_PERIOD_S (in steps at the recent rate) plus two
+    # steps; + 1 for the step rank 0 may have finished between logging `seen` and the signal.
+    step_s = statistics.median(m["step_time_s"] for m in read_metrics(run)[: stopped_at])
+    assert seen <= stopped_at <= seen + 1 + math.ceil(VOTE_PERIOD_S / step_s) + 2, (seen, stopped_at, step_s)
     assert (run / "checkpoints" / f"step_{stopped_at:08d}" / "manifest.json").is_file()
-    launch_ok(spec)
+    launch_resumed(spec, stopped_at)
     assert_same_as_reference(run, spec, reference)
 
 
@@ -97,13 +104,12 @@ def test_sigterm_at_any_moment_of_start_up_exits_75_and_the_same_command_resumes
     _, err = launch.communicate(timeout=120)
     assert launch.returncode == 75, err[-3000:]
     assert processes_with_marker(str(run / "spec.json")) == []
-    resumed = meshyard("launch", str(spec))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     if "checkpoint written at step " in err:
-        step = int(err.split("checkpoint written at step ")[1].split(";")[0])
-        assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in resumed.stdout
-    else:
-        assert "preempted before the job started" in err and "resumed from" not in resumed.stdout
+        launch_resumed(spec, int(err.split("checkpoint written at step ")[1].split(";")[0]))
+    else:  # stopped before anything ran, or before the first step boundary: nothing to resume from
+        assert "preempted before the job started" in err or "stopped before a checkpoint" in err, err[-3000:]
+        fresh = meshyard("launch", str(spec))
+        assert fresh.returncode == 0 and "resumed from" not in fresh.stdout, fresh.stderr[-3000:]
     assert_same_as_reference(run, spec, reference)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from launcher.metrics import read_metrics
-from tests.helpers import comparable, final_params, launch_ok, make_spec
+from tests.helpers import comparable, final_params, launch_ok, launch_resumed, make_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -28,7 +28,7 @@ def test_stop_at_10_then_resume_is_bit_equal_to_uninterrupted(tmp_path):
     split_spec = make_spec(tmp_path, "split", **SECTIONS)
     split = launch_ok(split_spec, "training.stop_at_step=10")
     assert [m["step"] for m in read_metrics(split)][-1] == 10
-    launch_ok(split_spec)  # resume: auto picks up step 10
+    launch_resumed(split_spec, 10)  # resume: auto picks up step 10
 
     ours, theirs = comparable(split), comparable(whole)
     assert [m["step"] for m in ours] == list(range(1, 21))

@@ -6,7 +6,7 @@ import torch
 
 from launcher.cli import main
 from launcher.metrics import read_metrics
-from tests.helpers import curve, final_params, launch_ok, make_spec, max_param_diff, train_in_process
+from tests.helpers import curve, final_params, launch_ok, launch_resumed, make_spec, max_param_diff, train_in_process
 
 pytestmark = pytest.mark.distributed
 
@@ -23,6 +23,14 @@ def test_zero3_export_is_one_consolidated_file(tmp_path):
                               resources={"procs_per_node": 2}))
     assert main(["export", str(run)]) == 0  # loadable with weights_only, in a process with no group
     exported = torch.load(run / "export" / "model.pt", weights_only=True)
+    # Checked against DCP's own consolidation of the same checkpoint (not meshyard's loader) ...
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(run / "checkpoints" / "step_00000010", tmp_path / "by_dcp.pt")
+    by_dcp = torch.load(tmp_path / "by_dcp.pt", weights_only=False)["model"]  # our own run's file
+    assert exported.keys() == by_dcp.keys()
+    assert all(torch.equal(exported[k], by_dcp[k]) for k in exported)
+    # ... and against the 1-process run.
     reference = train_in_process(make_spec(tmp_path, "reference", data=FULL_BATCH_DATA))
     assert max_param_diff(exported, final_params(reference)) < 1e-5
 
@@ -56,8 +64,8 @@ def uninterrupted(tmp_path_factory):
 def test_checkpoint_from_2_ranks_resumes_at_another_world_size(tmp_path, uninterrupted, stage, procs, micro, accum):
     split_spec = make_spec(tmp_path, "split", **{**RESHARD, "strategy": {"name": "zero", "stage": stage}})
     launch_ok(split_spec, "training.stop_at_step=10")
-    split = launch_ok(split_spec, f"resources.procs_per_node={procs}", f"data.micro_batch_size={micro}",
-                      f"training.grad_accum_steps={accum}")  # same global batch of 24
+    split = launch_resumed(split_spec, 10, f"resources.procs_per_node={procs}", f"data.micro_batch_size={micro}",
+                           f"training.grad_accum_steps={accum}")  # same global batch of 24
     assert [m["step"] for m in read_metrics(split)] == list(range(1, 21))
     assert max(abs(a - b) for a, b in zip(uninterrupted(stage), curve(split), strict=True)) < 1e-5
 

@@ -69,3 +69,19 @@ def test_launch_refuses_a_tampered_deepspeed_checkpoint_before_any_rank_starts(t
     assert len(err.strip().splitlines()) == 1, err
     assert "optim_states.pt: refused to load, it holds os.makedirs" in err
     assert not planted.exists() and not (session.run_dir / "heartbeats").exists()
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_the_launchers_pickle_scan_reads_both_formats_without_running_them(tmp_path, zip_format):
+    """DeepSpeed writes the legacy (non-zip) format; the scan names what a file's pickle would call."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from strategies.deepspeed_checkpoint import check_pickled_globals
+
+    clean, tampered, planted = tmp_path / "clean.pt", tmp_path / "tampered.pt", tmp_path / "planted"
+    torch.save({"w": torch.ones(3), "stage": ZeroStageEnum.gradients}, clean, _use_new_zipfile_serialization=zip_format)
+    torch.save({"w": torch.ones(3), "x": Planted(planted)}, tampered, _use_new_zipfile_serialization=zip_format)
+    check_pickled_globals(clean)
+    with pytest.raises(UnreadableCheckpoint, match="tampered.pt: refused to load, it holds os.makedirs"):
+        check_pickled_globals(tampered)
+    assert not planted.exists()
