@@ -10,8 +10,10 @@ import time
 import pytest
 
 from launcher.checkpoint import PARTIAL_PREFIX, find_latest
+from launcher.metrics import read_metrics
 from launcher.session import prepare
-from tests.helpers import REPO, comparable, final_params, make_spec, params_equal, train_in_process, wait_for_step
+from tests.helpers import (REPO, assert_resumed, comparable, final_params, make_spec, params_equal, train_in_process,
+                           wait_for_step)
 
 pytestmark = pytest.mark.distributed
 
@@ -43,7 +45,10 @@ def test_sigkill_during_saves_never_yields_a_corrupt_load(tmp_path):
         checkpoints = session.run_dir / "checkpoints"
         hit_a_save += any(checkpoints.glob(PARTIAL_PREFIX + "*"))
         newest = find_latest(checkpoints)
+        before = read_metrics(session.run_dir)
         run = train_in_process(spec_file)  # resume: auto
+        if newest is not None:  # it resumed from exactly the newest complete checkpoint
+            assert_resumed(run, before, int(newest.name.removeprefix("step_")))
         assert comparable(run) == comparable(reference), f"trial {trial} resumed from {newest}"
         assert params_equal(final_params(run), final_params(reference))
     print(f"{hit_a_save} of {TRIALS} kills landed inside a save")
