@@ -40,14 +40,18 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so an unchanged directory gives the 
 
 
 def _pathspec(lines: Iterable[str]) -> Any:
+    """Git's ignore rules: pathspec's GitIgnoreSpec (>= 0.12) when installed, else the older copy Ray
+    bundles (its "gitwildmatch" patterns, a name pathspec 1.x deprecates)."""
+    patterns = [line.rstrip("\n") for line in lines]
     try:
-        from pathspec import PathSpec
+        from pathspec import GitIgnoreSpec
     except ImportError:
         try:
             from ray._private.thirdparty.pathspec import PathSpec
         except ImportError:
             raise UserError("meshyard submit needs Ray's job API: pip install 'meshyard[ray]' (ray[default])") from None
-    return PathSpec.from_lines("gitwildmatch", [line.rstrip("\n") for line in lines])
+        return PathSpec.from_lines("gitwildmatch", patterns)
+    return GitIgnoreSpec.from_lines(patterns)
 
 
 def _verdict(spec: Any, rel: str) -> bool | None:
