@@ -76,9 +76,9 @@ def meshyard_loop(workdir: Path) -> float:
     """meshyard's trainer on the same job; mean seconds per step from its own step timer."""
     from launcher.metrics import read_metrics
     from launcher.plan import make_plan
+    from launcher.rank import rank_info_from_env
     from launcher.spec import validate_spec
     from launcher.trainer import RankInfo, train
-    from launcher.rank import rank_info_from_env
 
     spec = validate_spec({**SPEC, "output": {"dir": str(workdir)}})
     ranks: RankInfo = rank_info_from_env()

@@ -31,8 +31,17 @@ import torch.distributed as dist
 
 from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
-from launcher.manifest import (DCP_FORMAT, MANIFEST, CheckpointRefused, check_intact, fsync_dir, read_manifest,
-                               stamp_verified, verify, write_manifest)
+from launcher.manifest import (
+    DCP_FORMAT,
+    MANIFEST,
+    CheckpointRefused,
+    check_intact,
+    fsync_dir,
+    read_manifest,
+    stamp_verified,
+    verify,
+    write_manifest,
+)
 from strategies.base import DCPStateful, NativeCheckpoint, Strategy
 
 PARTIAL_PREFIX = ".partial-"

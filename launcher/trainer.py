@@ -21,8 +21,8 @@ from launcher.components import batch_feed, build_collate, build_datasets, build
 from launcher.compression.hooks import Compression
 from launcher.evaluation import evaluate_split
 from launcher.guards import NonFiniteError, StepAgreement
-from launcher.interrupts import PreemptionFlag
 from launcher.heartbeat import Heartbeat
+from launcher.interrupts import PreemptionFlag
 from launcher.memory import model_state_bytes, peak_rss_bytes
 from launcher.metrics import MetricsLogger, read_metrics
 from launcher.optim import build_scheduler, optimizer_factory

@@ -84,7 +84,8 @@ class SingleProcessStrategy:
         return value
 
     def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict  # at the first save (see launcher/checkpoint.py)
+        # imported at the first save (see launcher/checkpoint.py)
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}

@@ -9,8 +9,18 @@ import torch
 from launcher.cli import main
 from launcher.metrics import read_metrics
 from tests.fixtures.build_probe import launched_builds
-from tests.helpers import (BASE_SPEC, Planted, curve, final_params, launch_ok, make_spec, max_param_diff, meshyard,
-                           reseal, train_in_process)
+from tests.helpers import (
+    BASE_SPEC,
+    Planted,
+    curve,
+    final_params,
+    launch_ok,
+    make_spec,
+    max_param_diff,
+    meshyard,
+    reseal,
+    train_in_process,
+)
 
 pytestmark = pytest.mark.distributed
 

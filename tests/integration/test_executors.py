@@ -22,8 +22,19 @@ from launcher.heartbeat import read_heartbeats
 from launcher.metrics import read_metrics
 from launcher.procs import descendants, launch_processes, processes_with_marker
 from launcher.session import prepare
-from tests.helpers import REPO, curve, final_params, free_port, launch_ok, make_spec, max_param_diff, meshyard, \
-    run_dir, start_launch, wait_for_step
+from tests.helpers import (
+    REPO,
+    curve,
+    final_params,
+    free_port,
+    launch_ok,
+    make_spec,
+    max_param_diff,
+    meshyard,
+    run_dir,
+    start_launch,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-6
