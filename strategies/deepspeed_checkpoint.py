@@ -33,7 +33,7 @@ DEEPSPEED_DATA_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                           "deepspeed.utils.tensor_fragment.fragment_address")
 
 
-def _deepspeed_data_classes() -> list[type]:
+def _deepspeed_data_classes() -> list[Any]:
     import importlib
 
     return [getattr(importlib.import_module(module), name)

@@ -151,6 +151,6 @@ class DeepSpeedStrategy(DataParallelStrategy):
             # Partitions are padded to equal size; the padding is not part of the model (its weights
             # are arbitrary, and l1*sign(w) there would leak into the gradient norm).
             start = self.dp_rank * grad.numel()
-            real = max(0, min(grad.numel(), param.ds_numel - start))
+            real = max(0, min(grad.numel(), param.ds_numel - start))  # type: ignore[attr-defined]  # set by DeepSpeed
             yield safe_get_local_fp32_param(param).view(-1)[:real], grad.view(-1)[:real]
             safe_set_local_grad(param, grad)

@@ -74,7 +74,7 @@ class ModelRecipe:
                     continue
                 _materialize_own(module, shared)
                 if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                    module.reset_parameters()  # type: ignore[operator]  # Module.__getattr__ is typed Tensor | Module
                 hook(module)
                 _check_set(prefix, module)
                 if loaded is not None:
