@@ -45,7 +45,7 @@ def _pathspec(lines: Iterable[str]) -> Any:
         from pathspec import PathSpec
     except ImportError:
         try:
-            from ray._private.thirdparty.pathspec import PathSpec
+            from ray._private.thirdparty.pathspec import PathSpec  # type: ignore[assignment]  # vendored copy
         except ImportError:
             raise UserError("meshyard submit needs Ray's job API: pip install 'meshyard[ray]' (ray[default])") from None
     return PathSpec.from_lines("gitwildmatch", [line.rstrip("\n") for line in lines])

@@ -90,7 +90,7 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
                 " set parallel.data: -1 to use the rest"
             )
 
-    strategy = spec.strategy.name
+    strategy: str = spec.strategy.name
     if strategy == "auto":
         strategy = "single" if world == 1 else "ddp"
         inferred.append(f"strategy.name = {strategy} (auto, world size {world})")

@@ -26,9 +26,8 @@ def check_component_kwargs(spec: JobSpec) -> None:
     if spec.data.eval_kwargs is not None:
         merged = {**spec.data.kwargs, **spec.data.eval_kwargs}
         check_kwargs(data, spec.data.target, merged, "data.kwargs", {k: "data.eval_kwargs" for k in spec.data.eval_kwargs})
-    distill = spec.compression.distill
-    if distill is not None and distill.teacher.target is not None:
-        teacher = distill.teacher
+    teacher = spec.compression.distill.teacher if spec.compression.distill is not None else None
+    if teacher is not None and teacher.target is not None:
         field = "compression.distill.teacher"
         check_kwargs(resolve(teacher.target, f"{field}.target"), teacher.target, teacher.kwargs, f"{field}.kwargs")
 

@@ -162,6 +162,7 @@ class SafeFileSystemReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         metadata = read_metadata_file(Path(self._get_metadata_path(kwargs.get("rank"))))
+        assert metadata.storage_meta is not None  # read_metadata_file fills it in
         metadata.storage_meta.load_id = self.load_id
         return metadata
 

@@ -42,6 +42,7 @@ def teacher_component(spec: TeacherSpec, checkpoint: Path | None) -> ComponentSp
         return ComponentSpec(target=spec.target, kwargs=spec.kwargs)
     from launcher.spec import spec_from_json_file
 
+    assert checkpoint is not None  # TeacherSpec: a target, a checkpoint or both
     run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_*
     return spec_from_json_file(run_dir / "spec.json").model
 

@@ -17,7 +17,7 @@ from torch.nn.utils import prune
 from launcher.spec.schema import PruneSpec
 
 
-def prunable_weights(model_parts: Iterable[nn.Module]) -> dict[str, torch.nn.Parameter]:
+def prunable_weights(model_parts: Iterable[nn.Module]) -> dict[str, torch.Tensor]:
     return {
         f"{index}.{name}.weight": module.weight
         for index, part in enumerate(model_parts)
@@ -56,7 +56,7 @@ class Pruner:
     def _compute_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
         weights = {name: w.detach() for name, w in self.weights.items()}
         if self.spec.method == "l1_structured":
-            method = prune.LnStructured(amount=sparsity, n=1, dim=0)
+            method: prune.BasePruningMethod = prune.LnStructured(amount=sparsity, n=1, dim=0)
             return {name: method.compute_mask(w, torch.ones_like(w)) for name, w in weights.items()}
         if self.spec.scope == "per_layer":
             method = prune.L1Unstructured(amount=sparsity)

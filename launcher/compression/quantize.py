@@ -45,7 +45,7 @@ def quantize_run(run_dir: Path, method: str, calibrate: int | None) -> dict[str,
     loss_fn = build_loss(spec.loss)
     example = next(iter(eval_loader))[0]
     fp32_ms, int8_ms = _latency_ms(model, quantized, example)
-    report = {
+    report: dict[str, Any] = {
         "method": method, "checkpoint": str(checkpoint), "calibration_batches": len(calibration) if method == "static_int8" else 0,
         "size_bytes": {"fp32": (staging / "model_fp32.pt").stat().st_size, "int8": (staging / "model_int8.pt").stat().st_size},
         "eval": {"fp32": evaluate(model, eval_loader, loss_fn), "int8": evaluate(quantized, eval_loader, loss_fn)},

@@ -8,7 +8,7 @@ make `max_steps: true` a 1), and non-finite numbers (`.inf`, `.nan`, "inf") in a
 from __future__ import annotations
 
 import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, cast, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -32,7 +32,7 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        annotation = cls.model_fields[info.field_name].annotation
+        annotation = cls.model_fields[cast(str, info.field_name)].annotation  # always set in a field validator
         if get_origin(annotation) in (tuple, list) and isinstance(value, (list, tuple)):  # e.g. betas
             refused = any(isinstance(v, bool) for v in value) and any(map(_refuses_bool, get_args(annotation)))
         else:
