@@ -76,7 +76,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self.allowed[(module, name)]
         except KeyError:
             raise CheckpointRefused(f"{self.source}: refused to load: its pickle names {module}.{name}, which DCP"
-                                    " metadata never holds (checkpoints are read without running code from them)") from None
+                                    " metadata never holds (checkpoints are read without running code from them)"
+                                    ) from None
 
 
 def read_metadata_file(path: Path) -> dcp_metadata.Metadata:
@@ -102,7 +103,8 @@ def read_metadata_file(path: Path) -> dcp_metadata.Metadata:
     for info in storage.values():
         where = getattr(info, "relative_path", None)
         if (not isinstance(info, _StorageInfo) or not _plain_file_name(where) or info.transform_descriptors
-                or not all(type(getattr(info, n, None)) is int and getattr(info, n) >= 0 for n in ("offset", "length"))):
+                or not all(type(getattr(info, n, None)) is int and getattr(info, n) >= 0
+                           for n in ("offset", "length"))):
             raise CheckpointRefused(f"{path}: refused to load: a storage entry points at {where!r}"
                                     " (entries must be plain files of the checkpoint directory, untransformed)")
     if metadata.storage_meta is None:

@@ -44,7 +44,8 @@ def skip_shared_memory_comm_build() -> None:
 
 
 class DeepSpeedStrategy(DataParallelStrategy):
-    def __init__(self, device: torch.device, precision: str, config: dict[str, Any], feed: BatchFeed = BatchFeed()) -> None:
+    def __init__(self, device: torch.device, precision: str, config: dict[str, Any],
+                 feed: BatchFeed = BatchFeed()) -> None:
         super().__init__(device, precision, feed)
         self.config = config
         self.stage: int = config["zero_optimization"]["stage"]

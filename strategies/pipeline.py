@@ -59,7 +59,8 @@ def _view(source: nn.Module, layers_name: str, blocks: nn.ModuleList | nn.Sequen
           first: bool, last: bool) -> nn.Module:
     """A shallow copy of `source` sharing its submodules, with only `blocks_kept` and the ends it owns."""
     view = copy.copy(source)
-    view._modules, view._parameters, view._buffers = dict(source._modules), dict(source._parameters), dict(source._buffers)
+    view._modules, view._parameters, view._buffers = (dict(source._modules), dict(source._parameters),
+                                                      dict(source._buffers))
     names = list(source._modules)
     position = names.index(layers_name)
     setattr(view, layers_name, StageBlocks({i: blocks[i] for i in blocks_kept}))
@@ -116,7 +117,8 @@ def check_pipeline_model(model: nn.Module, layers_path: str, loss_from_model: bo
                              " function (e.g. token_cross_entropy)")
         return
     if layers_path != decoder.layers:
-        raise ValueError(f"{pipeline}: model.layers={layers_path}, but pipeline stages of {name} split {decoder.layers}")
+        raise ValueError(f"{pipeline}: model.layers={layers_path}, but pipeline stages of {name} split"
+                         f" {decoder.layers}")
     head, embedding = model.get_submodule(decoder.lm_head), model.get_submodule(decoder.embedding)
     if head.weight is embedding.weight:
         raise ValueError(f"{pipeline}: {name} ties {decoder.lm_head}.weight to {decoder.embedding}.weight, which would"

@@ -81,6 +81,7 @@ class TeacherAnnotator:
         self.teacher, self.device = teacher, device
 
     @torch.no_grad()
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         inputs, labels = batch
         return inputs, (labels, self.teacher(inputs.to(self.device)))

@@ -34,7 +34,8 @@ class Pruner:
 
     def target_sparsity(self, step: int) -> float:
         sched = self.spec.schedule
-        progress = 1.0 if sched.end_step == sched.start_step else (step - sched.start_step) / (sched.end_step - sched.start_step)
+        progress = (1.0 if sched.end_step == sched.start_step
+                    else (step - sched.start_step) / (sched.end_step - sched.start_step))
         progress = min(1.0, max(0.0, progress))
         ramp = 1.0 - (1.0 - progress) ** 3 if sched.ramp == "cubic" else progress
         return self.spec.amount * ramp
