@@ -108,7 +108,8 @@ def measure(schedule_name: str, m: int) -> dict:
     gathered: list = [None] * p
     dist.all_gather_object(gathered, {"idle": statistics.median(idle), "peak_in_flight": max(peaks)})
     return {"schedule": schedule_name, "p": p, "m": m, "theory_idle": theory(p, m),
-            "idle_per_rank": [g["idle"] for g in gathered], "peak_in_flight_per_stage": [g["peak_in_flight"] for g in gathered]}
+            "idle_per_rank": [g["idle"] for g in gathered],
+            "peak_in_flight_per_stage": [g["peak_in_flight"] for g in gathered]}
 
 
 def worker(out: Path) -> None:

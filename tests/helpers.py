@@ -88,7 +88,8 @@ def curve(run: Path, key: str = "loss") -> list[float]:
     return [m[key] for m in read_metrics(run)]
 
 
-def assert_runs_match(reference: Path, run: Path, tol: float, keys: tuple[str, ...] = ("loss", "penalty", "grad_norm")) -> None:
+def assert_runs_match(reference: Path, run: Path, tol: float,
+                      keys: tuple[str, ...] = ("loss", "penalty", "grad_norm")) -> None:
     """`run` logged the reference's steps, its curves are within `tol` at every step, the reference
     trained (the loss fell: equal curves cannot be two flat lines), and the consolidated final
     weights are within `tol`."""

@@ -25,7 +25,8 @@ MLP = {"model": {"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "hidde
        "data": {"kwargs": {"n": 96, "in_dim": 8, "out_dim": 1}, "eval_kwargs": {"n": 20, "seed": 1},
                 "micro_batch_size": 8},
        "optimizer": SGD, "training": {"max_steps": 5, "grad_accum_steps": 3, "log_every": 1, "checkpoint_every": 3}}
-LM = {"model": {"target": "launcher.models:transformer", "kwargs": {"dim": 32, "n_heads": 4, "n_layers": 2, "max_len": 16}},
+LM = {"model": {"target": "launcher.models:transformer",
+                "kwargs": {"dim": 32, "n_heads": 4, "n_layers": 2, "max_len": 16}},
       "data": {"target": "launcher.data:char_corpus", "kwargs": {"n": 64, "seq_len": 16},
                "eval_kwargs": {"n": 12, "seed": 1}, "micro_batch_size": 4},
       "loss": "token_cross_entropy",

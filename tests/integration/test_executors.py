@@ -137,7 +137,7 @@ def test_two_launchers_form_one_two_node_job(tmp_path):
     nodes = [start_launch(spec, args=("--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint))
              for r in (0, 1)]
     results = finish_all(nodes, timeout=180)
-    for node, (out, err) in zip(nodes, results):
+    for node, (_out, _err) in zip(nodes, results):
         assert node.returncode == 0, results
     run = run_dir(spec)
     assert summary(run)["world_size"] == 4 and summary(run)["steps"] == 4
