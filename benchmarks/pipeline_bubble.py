@@ -48,12 +48,12 @@ class Meter:
         self.busy, self.in_flight, self.peak = 0.0, 0, 0
 
 
-def fixed_cost_stage(meter: Meter, dim: int = 4):  # type: ignore[no-untyped-def]
+def fixed_cost_stage(meter: Meter, dim: int = 4):
     import torch
 
     class FixedCost(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x):  # type: ignore[no-untyped-def]
+        def forward(ctx, x):
             tick = time.perf_counter()
             time.sleep(FORWARD_S)
             meter.in_flight += 1
@@ -62,7 +62,7 @@ def fixed_cost_stage(meter: Meter, dim: int = 4):  # type: ignore[no-untyped-def
             return x.clone()
 
         @staticmethod
-        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        def backward(ctx, grad):
             tick = time.perf_counter()
             time.sleep(BACKWARD_S)
             meter.in_flight -= 1
@@ -74,7 +74,7 @@ def fixed_cost_stage(meter: Meter, dim: int = 4):  # type: ignore[no-untyped-def
             super().__init__()
             self.linear = torch.nn.Linear(dim, dim)
 
-        def forward(self, x):  # type: ignore[no-untyped-def]
+        def forward(self, x):
             return FixedCost.apply(self.linear(x))
 
     return Stage()

@@ -111,10 +111,12 @@ def _loopback_stores() -> None:
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
-    # Monkeypatches (a function where torch has a class or a method): hence the type: ignores.
-    c10d_rendezvous_backend.TCPStore = loopback_store  # type: ignore[misc, assignment]  # --rdzv-backend=c10d
-    static_tcp_rendezvous.TCPStore = loopback_store  # type: ignore[misc, assignment]  # accelerate's static one
-    DynamicRendezvousHandler._create_tcp_store_server = (  # type: ignore[method-assign]  # the agent store
+    # Monkeypatches (a function where torch has a class or a method), hence the type: ignores.
+    # The rendezvous store (--rdzv-backend=c10d), accelerate's single-node static rendezvous, and the
+    # agent store (MASTER_ADDR:MASTER_PORT):
+    c10d_rendezvous_backend.TCPStore = loopback_store  # type: ignore[misc, assignment]
+    static_tcp_rendezvous.TCPStore = loopback_store  # type: ignore[misc, assignment]
+    DynamicRendezvousHandler._create_tcp_store_server = (  # type: ignore[method-assign]
         lambda self, master_addr, master_port: loopback_store(
             host_name=master_addr, port=master_port, is_master=True, multi_tenant=True))
 
