@@ -8,7 +8,7 @@ EXTRAS ?= dev,ray,accelerate,deepspeed,hf,examples
 SPEC ?= examples/quickstart.yaml
 RUN_ARGS ?=
 
-.PHONY: run test install clean
+.PHONY: run test test-fast lint install clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,16 @@ install: $(VENV)/.installed-$(EXTRAS)
 run: install
 	$(VENV)/bin/meshyard launch $(SPEC) $(RUN_ARGS)
 
-test: install
+# ruff (lint + import order, line length 120) on the whole tree, mypy on the two packages; config in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy launcher strategies
+
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# lint + the unit tests only (a few minutes): no multi-process or integration tests.
+test-fast: install lint
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -29,9 +29,11 @@ DATA = {"target": "launcher.data:synthetic_classification", "micro_batch_size": 
         "kwargs": {"n": 16384, "in_dim": 32, "num_classes": 10}, "eval_kwargs": {"n": 2048, "seed": 1}}
 BASE = {"seed": 0, "data": DATA, "loss": "cross_entropy", "optimizer": {"name": "adam", "lr": 2.0e-3},
         "training": {"max_steps": 400, "log_every": 100}}
-DENSE = {"target": "launcher.models:classifier", "kwargs": {"in_dim": 32, "hidden": 256, "num_classes": 10, "depth": 2}}
+DENSE = {"target": "launcher.models:classifier",
+         "kwargs": {"in_dim": 32, "hidden": 256, "num_classes": 10, "depth": 2}}
 BATCH = 256
-STUDENT = {"target": "launcher.models:classifier", "kwargs": {"in_dim": 32, "hidden": 32, "num_classes": 10, "depth": 2}}
+STUDENT = {"target": "launcher.models:classifier",
+           "kwargs": {"in_dim": 32, "hidden": 32, "num_classes": 10, "depth": 2}}
 
 
 def train(workdir: Path, name: str, **sections) -> Path:
@@ -76,8 +78,10 @@ def main() -> None:
             report = quantize_run(runs["dense"], method, 16 if method == "static_int8" else None)
             label = f"dense {method}"
             models[label] = load_quantized(runs["dense"])
-            rows[label] = {"eval_accuracy": report["eval"]["int8"]["accuracy"], "eval_loss": report["eval"]["int8"]["loss"],
-                           "size_bytes": report["size_bytes"]["int8"], "nonzero_params": rows["dense"]["nonzero_params"]}
+            rows[label] = {"eval_accuracy": report["eval"]["int8"]["accuracy"],
+                           "eval_loss": report["eval"]["int8"]["loss"],
+                           "size_bytes": report["size_bytes"]["int8"],
+                           "nonzero_params": rows["dense"]["nonzero_params"]}
         batch = torch.randn(BATCH, 32)
         for label, latency in latencies(models, batch).items():
             rows[label]["latency_ms"] = latency

@@ -48,12 +48,14 @@ SPEC = {
 # label -> (command, extra environment); meshyard's commands get the spec path appended.
 COMMANDS = {
     "meshyard local": ([MESHYARD, "launch"], {}),
-    "bare torchrun": ([PY, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2", BARE_RANK], {}),
+    "bare torchrun": ([PY, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+                       BARE_RANK], {}),
     "meshyard ray": ([MESHYARD, "launch", "--executor", "ray"], {}),
     "bare TorchTrainer": ([PY, str(REPO / "benchmarks" / "bare" / "ray_driver.py")], {}),
     "meshyard accelerate": ([MESHYARD, "launch", "--executor", "accelerate"], {}),
-    "bare accelerate": ([PY, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
-                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", BARE_RANK],
+    "bare accelerate": ([PY, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+                         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                         "--dynamo_backend", "no", BARE_RANK],
                         {"ACCELERATE_USE_CPU": "1"}),
 }
 PAIRS = [("meshyard local", "bare torchrun", 1.15), ("meshyard ray", "bare TorchTrainer", 1.05),

@@ -48,12 +48,12 @@ class Meter:
         self.busy, self.in_flight, self.peak = 0.0, 0, 0
 
 
-def fixed_cost_stage(meter: Meter, dim: int = 4):  # type: ignore[no-untyped-def]
+def fixed_cost_stage(meter: Meter, dim: int = 4):
     import torch
 
     class FixedCost(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x):  # type: ignore[no-untyped-def]
+        def forward(ctx, x):
             tick = time.perf_counter()
             time.sleep(FORWARD_S)
             meter.in_flight += 1
@@ -62,7 +62,7 @@ def fixed_cost_stage(meter: Meter, dim: int = 4):  # type: ignore[no-untyped-def
             return x.clone()
 
         @staticmethod
-        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        def backward(ctx, grad):
             tick = time.perf_counter()
             time.sleep(BACKWARD_S)
             meter.in_flight -= 1
@@ -74,7 +74,7 @@ def fixed_cost_stage(meter: Meter, dim: int = 4):  # type: ignore[no-untyped-def
             super().__init__()
             self.linear = torch.nn.Linear(dim, dim)
 
-        def forward(self, x):  # type: ignore[no-untyped-def]
+        def forward(self, x):
             return FixedCost.apply(self.linear(x))
 
     return Stage()
@@ -108,7 +108,8 @@ def measure(schedule_name: str, m: int) -> dict:
     gathered: list = [None] * p
     dist.all_gather_object(gathered, {"idle": statistics.median(idle), "peak_in_flight": max(peaks)})
     return {"schedule": schedule_name, "p": p, "m": m, "theory_idle": theory(p, m),
-            "idle_per_rank": [g["idle"] for g in gathered], "peak_in_flight_per_stage": [g["peak_in_flight"] for g in gathered]}
+            "idle_per_rank": [g["idle"] for g in gathered],
+            "peak_in_flight_per_stage": [g["peak_in_flight"] for g in gathered]}
 
 
 def worker(out: Path) -> None:

@@ -76,9 +76,9 @@ def meshyard_loop(workdir: Path) -> float:
     """meshyard's trainer on the same job; mean seconds per step from its own step timer."""
     from launcher.metrics import read_metrics
     from launcher.plan import make_plan
+    from launcher.rank import rank_info_from_env
     from launcher.spec import validate_spec
     from launcher.trainer import RankInfo, train
-    from launcher.rank import rank_info_from_env
 
     spec = validate_spec({**SPEC, "output": {"dir": str(workdir)}})
     ranks: RankInfo = rank_info_from_env()
@@ -102,7 +102,8 @@ def worker(rounds: int, out: Path, workdir: Path) -> None:
             return hand_written_loop(SPEC["training"]["max_steps"], SPEC["training"]["log_every"])
 
         def our_loop() -> float:
-            return meshyard_loop(workdir / f"round{index}")  # one directory all ranks share, as in a launch
+            # one directory all ranks share, as in a launch; called in this iteration, so `index` is this round's
+            return meshyard_loop(workdir / f"round{index}")  # noqa: B023
 
         if index % 2:
             ours, hand = our_loop(), hand_loop()
@@ -126,7 +127,8 @@ def plot(result_file: Path) -> Path:
     rounds = result["rounds"]
     xs = range(len(rounds))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([x - 0.2 for x in xs], [1000 * r["hand_written_s_per_step"] for r in rounds], 0.4, label="hand-written DDP loop")
+    ax.bar([x - 0.2 for x in xs], [1000 * r["hand_written_s_per_step"] for r in rounds], 0.4,
+           label="hand-written DDP loop")
     ax.bar([x + 0.2 for x in xs], [1000 * r["meshyard_s_per_step"] for r in rounds], 0.4, label="meshyard trainer")
     ax.set_xlabel("round (interleaved in one torchrun job)")
     ax.set_ylabel("ms / optimizer step")

@@ -31,8 +31,17 @@ import torch.distributed as dist
 
 from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
-from launcher.manifest import (DCP_FORMAT, MANIFEST, CheckpointRefused, check_intact, fsync_dir, read_manifest,
-                               stamp_verified, verify, write_manifest)
+from launcher.manifest import (
+    DCP_FORMAT,
+    MANIFEST,
+    CheckpointRefused,
+    check_intact,
+    fsync_dir,
+    read_manifest,
+    stamp_verified,
+    verify,
+    write_manifest,
+)
 from strategies.base import DCPStateful, NativeCheckpoint, Strategy
 
 PARTIAL_PREFIX = ".partial-"
@@ -60,7 +69,8 @@ def find_latest(root: Path, warn: Callable[[str], None] | None = None) -> Path |
         if problem is None:
             return candidate
         if fresh:  # a verdict this launch's launcher reached was reported there
-            (warn or _warn)(f"{problem}; skipped {candidate.name}, an older complete checkpoint is used if there is one")
+            (warn or _warn)(f"{problem}; skipped {candidate.name},"
+                            " an older complete checkpoint is used if there is one")
     if complete:
         raise CheckpointRefused(f"{root}: every complete checkpoint is damaged (see the warnings); repair or remove"
                                 " them, or use another name or output.dir")
@@ -168,7 +178,8 @@ class Checkpointer:
         self.on_published = on_published  # called on every rank with (step, directory) once a checkpoint is complete
         # async_save's collectives must not share the training group (FACTS: "collective mismatch").
         async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
-        self.shards: NativeCheckpoint = strategy.native_checkpoint or DCPShards(cast(DCPStateful, strategy), async_group)
+        self.shards: NativeCheckpoint = (strategy.native_checkpoint
+                                         or DCPShards(cast(DCPStateful, strategy), async_group))
         self._pending: tuple[Any, Path, Path, int] | None = None
 
     def remove_partials(self) -> None:

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_where(with_spec("plan", "print the plan and exactly what a launch would run; starts nothing"))
     with_spec("validate", "check a spec file (fields, types, ranges, importable targets)")
     submit = with_spec("submit", "submit `meshyard launch SPEC --executor ray` as a Ray job; prints the job id")
-    submit.add_argument("--address", default=None, help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--address", default=None,
+                        help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     submit.add_argument("--working-dir", default=".", help="directory packaged for the job (default: the current one;"
                         " .gitignore/.rayignore honoured; dotfiles (.env, .ssh/, .git/, .venv/), private keys,"
                         " credentials*.yaml/yml/json, runs/ and caches are left out); SPEC must be inside it")
@@ -52,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?", default=None, metavar="ID")
     jobs.add_argument("--address", default=None, help="the cluster's job API (default: RAY_ADDRESS)")
-    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends; exit 0 only if it SUCCEEDED")
+    jobs.add_argument("--follow", action="store_true",
+                      help="logs: stream until the job ends; exit 0 only if it SUCCEEDED")
     render = with_spec("render", "print a file that runs the job elsewhere: slurm (sbatch script), rayjob"
                                  " (KubeRay manifest) or accelerate (accelerate config)",
                        first=("kind", ["slurm", "rayjob", "accelerate"]))
     render.add_argument("--image", default=None, help="rayjob: container image with meshyard installed")
-    commands.add_parser("schema", help="print the job spec's JSON Schema", description="print the job spec's JSON Schema")
+    commands.add_parser("schema", help="print the job spec's JSON Schema",
+                        description="print the job spec's JSON Schema")
     export = commands.add_parser(
         "export", help="write a run's newest checkpoint as one consolidated state dict",
         description="write a run's newest (possibly sharded) checkpoint as one consolidated state dict"
@@ -82,11 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 def add_where(sub: argparse.ArgumentParser) -> None:
     """Where the job runs: the executor and its settings (flags win over a --cluster file)."""
     sub.add_argument("--executor", default=None, help="local (default), ray or accelerate")
-    sub.add_argument("--cluster", default=None, metavar="FILE", help="a cluster config, e.g. cluster_configs/ray-local.yaml")
+    sub.add_argument("--cluster", default=None, metavar="FILE",
+                     help="a cluster config, e.g. cluster_configs/ray-local.yaml")
     sub.add_argument("--nnodes", type=int, default=None, help="local: number of nodes (sets resources.nodes)")
     sub.add_argument("--node-rank", type=int, default=0, help="local: this launcher's node, 0..nnodes-1")
-    sub.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="local: c10d rendezvous for several nodes")
-    sub.add_argument("--address", default=None, help="ray: an existing cluster (default: RAY_ADDRESS, else an embedded local Ray)")
+    sub.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                     help="local: c10d rendezvous for several nodes")
+    sub.add_argument("--address", default=None,
+                     help="ray: an existing cluster (default: RAY_ADDRESS, else an embedded local Ray)")
     sub.add_argument("--accelerate-config", default=None, metavar="FILE",
                      help="accelerate: your config file instead of the one generated from the spec")
 
@@ -304,8 +310,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"render": cmd_render, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export, "schema": cmd_schema, "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch,
-            "quantize": cmd_quantize}
+COMMANDS = {"render": cmd_render, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export, "schema": cmd_schema,
+            "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch, "quantize": cmd_quantize}
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def check_checkpoint_fits(spec: JobSpec, checkpoint: Path, world_size: int) -> N
         if key not in saved:
             raise UserError(f"{checkpoint}: has no tensor {key!r} that the spec's model needs; {keep}")
         if saved[key] != shape:
-            raise UserError(f"{checkpoint}: {key} is {list(saved[key])} there but {list(shape)} in the spec's model; {keep}")
+            raise UserError(f"{checkpoint}: {key} is {list(saved[key])} there but {list(shape)} in the spec's model;"
+                            f" {keep}")
     extra = sorted(set(saved) - set(wanted))
     if extra:
-        raise UserError(f"{checkpoint}: holds {extra[0]!r} (+{len(extra) - 1} more) that the spec's model lacks; {keep}")
+        raise UserError(f"{checkpoint}: holds {extra[0]!r} (+{len(extra) - 1} more) that the spec's model lacks;"
+                        f" {keep}")

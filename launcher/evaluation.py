@@ -11,8 +11,8 @@ logits at position t with the label at t + 1; with a loss function the two are c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -26,7 +26,8 @@ IGNORE_INDEX = -100
 
 def evaluate_split(strategy: Strategy, eval_set: Dataset, micro_batch_size: int, loss_fn: Callable[..., torch.Tensor],
                    feed: BatchFeed, collate: Callable[[list[Any]], Any] | None = None) -> dict[str, float]:
-    shard = Subset(eval_set, range(strategy.dp_rank, len(eval_set), strategy.dp_size))
+    # map-style: build_datasets checks __len__
+    shard = Subset(eval_set, range(strategy.dp_rank, len(cast(Sized, eval_set)), strategy.dp_size))
     # loss sum, samples, correct samples, correct tokens, tokens
     totals = torch.zeros(5, dtype=torch.float64)
     kinds: set[str] = set()

@@ -54,7 +54,8 @@ def _export_safetensors(model: nn.Module, out: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(partial, safe_serialization=True)  # keeps tied weights tied
+            # keeps tied weights tied (Module.__getattr__ is typed Tensor | Module: hence the ignore)
+            model.save_pretrained(partial, safe_serialization=True)  # type: ignore[operator]
         else:
             from safetensors.torch import save_model
 

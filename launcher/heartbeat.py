@@ -65,7 +65,7 @@ class Heartbeat:
     def _write(self) -> None:
         """One beat. A failed write (disk full, the directory gone for a moment) is said once and
         retried at the next beat: a dead heartbeat thread would get a healthy job killed as hung."""
-        stack = innermost_frames(sys._current_frames().get(self._main))
+        stack = innermost_frames(sys._current_frames().get(self._main) if self._main is not None else None)
         now = time.time()
         beat = {"rank": self.rank, "pid": os.getpid(), "step": self.step, "phase": self.phase,
                 "time": now, "stack": stack, "waiting_s": self._waited(stack, now)}

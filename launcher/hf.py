@@ -33,6 +33,8 @@ def causal_lm(arch: str, **config: Any) -> nn.Module:
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-        model.tp_plan = LLAMA_TP_PLAN  # read by parallel.tensor when the spec gives no tp_plan
+        # read by parallel.tensor when the spec gives no tp_plan (transformers defines this property's setter
+        # away from its getter, so mypy takes it as read-only)
+        model.tp_plan = LLAMA_TP_PLAN  # type: ignore[misc]
         return model
     raise ValueError(f"model.kwargs.arch={arch!r}: allowed {', '.join(ARCHITECTURES)}")

@@ -27,7 +27,8 @@ from launcher.errors import UserError
 def job_client(address: str | None) -> Any:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise UserError("--address: required (the Ray dashboard's job API, e.g. http://127.0.0.1:8265), or set RAY_ADDRESS")
+        raise UserError("--address: required (the Ray dashboard's job API, e.g. http://127.0.0.1:8265),"
+                        " or set RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     warn_plain_http(address)
     try:

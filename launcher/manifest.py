@@ -167,7 +167,8 @@ def _inherited_verdicts() -> dict[str, list[Any]]:
     if not isinstance(verdicts, dict):
         return {}
     return {k: v for k, v in verdicts.items()
-            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and (v[1] is None or isinstance(v[1], str))}
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+            and (v[1] is None or isinstance(v[1], str))}
 
 
 def _first_problem(path: Path, expected: dict[str, tuple[int, str | None]],

@@ -26,7 +26,8 @@ def optimizer_state_bytes_per_param(spec: OptimizerSpec) -> int:
     return 4 + (4 if spec.momentum > 0 else 0)  # rmsprop: square average (+ momentum buffer)
 
 
-def theory_bytes_per_param(strategy: str, stage: int | None, dp_size: int, optimizer: OptimizerSpec) -> dict[str, float]:
+def theory_bytes_per_param(strategy: str, stage: int | None, dp_size: int,
+                           optimizer: OptimizerSpec) -> dict[str, float]:
     o = optimizer_state_bytes_per_param(optimizer)
     n = dp_size
     if strategy not in ("zero", "deepspeed") or not stage:  # DeepSpeed's stage 0 is plain data parallel

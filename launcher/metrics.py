@@ -53,7 +53,8 @@ class MetricsLogger:
             append_whole(self.path, "".join(self._unwritten))
         except OSError as exc:  # a full disk for a while must not end the run: keep the records, retry next time
             if len(self._unwritten) == 1:
-                self.say(f"warning: {self.path}: {exc.strerror or exc}; holding records in memory until it can be written")
+                self.say(f"warning: {self.path}: {exc.strerror or exc};"
+                         " holding records in memory until it can be written")
         else:
             self._unwritten.clear()
         self.say(format_record(record))

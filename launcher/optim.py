@@ -6,8 +6,9 @@ optimizer step (see strategies/grads.py), so `weight_decay` below is only the op
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -16,7 +17,7 @@ from launcher.spec.schema import OptimizerSpec, ScheduleSpec
 
 
 def _make(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    common = {"lr": spec.lr, "weight_decay": spec.weight_decay}
+    common: dict[str, Any] = {"lr": spec.lr, "weight_decay": spec.weight_decay}
     # foreach=False keeps the per-parameter kernels, so results do not depend on how many
     # parameters a rank holds (sharded strategies hold fewer): parity stays exact.
     if spec.name == "sgd":
@@ -28,7 +29,7 @@ def _make(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]) -> torch.op
     return torch.optim.RMSprop(params, alpha=spec.alpha, eps=spec.eps, momentum=spec.momentum, foreach=False, **common)
 
 
-def optimizer_factory(spec: OptimizerSpec):  # type: ignore[no-untyped-def]
+def optimizer_factory(spec: OptimizerSpec) -> Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]:
     """A one-argument factory (params -> optimizer), as Strategy.setup expects."""
     return partial(_make, spec)
 

@@ -80,7 +80,8 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
                 f"parallel: tensor {par.tensor} x pipeline {par.pipeline} does not divide the world size {world}"
             )
         dp = world // model_degree
-        inferred.append(f"parallel.data = {dp} (-1: world size {world} / tensor {par.tensor} / pipeline {par.pipeline})")
+        inferred.append(f"parallel.data = {dp} (-1: world size {world} / tensor {par.tensor}"
+                        f" / pipeline {par.pipeline})")
     else:
         dp = par.data
         if dp * model_degree != world:
@@ -90,7 +91,7 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
                 " set parallel.data: -1 to use the rest"
             )
 
-    strategy = spec.strategy.name
+    strategy: str = spec.strategy.name
     if strategy == "auto":
         strategy = "single" if world == 1 else "ddp"
         inferred.append(f"strategy.name = {strategy} (auto, world size {world})")
@@ -100,8 +101,9 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     if model_degree > 1:
         layout = _mesh_layout(spec, dp, inferred)
         if strategy != "ddp":
-            raise PlanError(f"strategy.name={strategy} with parallel.tensor={par.tensor}, parallel.pipeline={par.pipeline}:"
-                            " not supported; use ddp or auto (data parallel inside the mesh)")
+            raise PlanError(f"strategy.name={strategy} with parallel.tensor={par.tensor},"
+                            f" parallel.pipeline={par.pipeline}: not supported; use ddp or auto"
+                            " (data parallel inside the mesh)")
         inferred.append(f"strategy = mesh (parallel.tensor {par.tensor} x parallel.pipeline {par.pipeline};"
                         " data parallel by gradient all-reduce over the data axis)")
         strategy = "mesh"
@@ -152,7 +154,8 @@ def _threads_per_rank(procs_per_node: int, inferred: list[str]) -> int:
     if given.isdigit() and int(given) > 0:
         return int(given)
     threads = max(1, (os.cpu_count() or 1) // procs_per_node)
-    inferred.append(f"OMP_NUM_THREADS = {threads} (not set: {os.cpu_count()} cores / {procs_per_node} process(es) per node)")
+    inferred.append(f"OMP_NUM_THREADS = {threads} (not set: {os.cpu_count()} cores / {procs_per_node}"
+                    " process(es) per node)")
     return threads
 
 

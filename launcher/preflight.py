@@ -25,10 +25,10 @@ def check_component_kwargs(spec: JobSpec) -> None:
     check_kwargs(data, spec.data.target, spec.data.kwargs, "data.kwargs")
     if spec.data.eval_kwargs is not None:
         merged = {**spec.data.kwargs, **spec.data.eval_kwargs}
-        check_kwargs(data, spec.data.target, merged, "data.kwargs", {k: "data.eval_kwargs" for k in spec.data.eval_kwargs})
-    distill = spec.compression.distill
-    if distill is not None and distill.teacher.target is not None:
-        teacher = distill.teacher
+        check_kwargs(data, spec.data.target, merged, "data.kwargs",
+                     {k: "data.eval_kwargs" for k in spec.data.eval_kwargs})
+    teacher = spec.compression.distill.teacher if spec.compression.distill is not None else None
+    if teacher is not None and teacher.target is not None:
         field = "compression.distill.teacher"
         check_kwargs(resolve(teacher.target, f"{field}.target"), teacher.target, teacher.kwargs, f"{field}.kwargs")
 
@@ -43,7 +43,8 @@ def check_training_set(spec: JobSpec, plan: Plan) -> None:
         raise
     except Exception as exc:  # the user's factory: its message, without our traceback around it
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise SpecError("data.target", f"{spec.data.target}(**data.kwargs) failed: {type(exc).__name__}: {first_line}") from None
+        raise SpecError("data.target",
+                        f"{spec.data.target}(**data.kwargs) failed: {type(exc).__name__}: {first_line}") from None
     if size < plan.global_batch_size:
         raise SpecError("data", f"the training set has {size} items, fewer than one global batch of"
                                 f" {plan.global_batch_size} (`meshyard plan` shows how it is made up); lower"

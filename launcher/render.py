@@ -42,7 +42,8 @@ def render_slurm(name: str, plan: Plan, spec_file: str, overrides: list[str]) ->
         f"export MESHYARD_RDZV_ENDPOINT=\"$head_node:${{MESHYARD_RDZV_PORT:-{RDZV_PORT}}}\"",
         "",
         "# Single quotes: each task expands its own SLURM_NODEID.",
-        f"srun --kill-on-bad-exit=1 bash -c '{launch} --node-rank \"$SLURM_NODEID\" --rdzv-endpoint \"$MESHYARD_RDZV_ENDPOINT\"'",
+        f"srun --kill-on-bad-exit=1 bash -c '{launch} --node-rank \"$SLURM_NODEID\""
+        " --rdzv-endpoint \"$MESHYARD_RDZV_ENDPOINT\"'",
         "",
     ])
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -25,7 +25,8 @@ def capture_rng() -> dict[str, Any]:
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # the legacy tuple (get_state's default), which the stubs type together with the dict form
+        kind, keys, pos, has_gauss, cached = cast(tuple[Any, ...], np.random.get_state())
         state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
     except ImportError:
         pass

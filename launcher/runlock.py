@@ -86,8 +86,8 @@ def _acquire(path: Path) -> int:
             holder = _read_holder(fd)
             os.close(fd)
             where = "" if holder.get("host") in (None, socket.gethostname()) else f" on {holder['host']}"
-            raise UserError(f"{path.parent}: another launch of this run is running (PID {holder.get('pid', '?')}{where});"
-                            " wait for it to end or stop it") from None
+            raise UserError(f"{path.parent}: another launch of this run is running"
+                            f" (PID {holder.get('pid', '?')}{where}); wait for it to end or stop it") from None
         # The holder we waited for may have removed the file after we opened it: lock the file that is there now.
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:

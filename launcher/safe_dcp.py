@@ -32,10 +32,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
-from torch.distributed.checkpoint._traverse import set_element
 from torch.futures import Future
 
 from launcher.manifest import CheckpointRefused
@@ -76,7 +76,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self.allowed[(module, name)]
         except KeyError:
             raise CheckpointRefused(f"{self.source}: refused to load: its pickle names {module}.{name}, which DCP"
-                                    " metadata never holds (checkpoints are read without running code from them)") from None
+                                    " metadata never holds (checkpoints are read without running code from them)"
+                                    ) from None
 
 
 def read_metadata_file(path: Path) -> dcp_metadata.Metadata:
@@ -102,7 +103,8 @@ def read_metadata_file(path: Path) -> dcp_metadata.Metadata:
     for info in storage.values():
         where = getattr(info, "relative_path", None)
         if (not isinstance(info, _StorageInfo) or not _plain_file_name(where) or info.transform_descriptors
-                or not all(type(getattr(info, n, None)) is int and getattr(info, n) >= 0 for n in ("offset", "length"))):
+                or not all(type(getattr(info, n, None)) is int and getattr(info, n) >= 0
+                           for n in ("offset", "length"))):
             raise CheckpointRefused(f"{path}: refused to load: a storage entry points at {where!r}"
                                     " (entries must be plain files of the checkpoint directory, untransformed)")
     if metadata.storage_meta is None:
@@ -162,6 +164,7 @@ class SafeFileSystemReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         metadata = read_metadata_file(Path(self._get_metadata_path(kwargs.get("rank"))))
+        assert metadata.storage_meta is not None  # read_metadata_file fills it in
         metadata.storage_meta.load_id = self.load_id
         return metadata
 

@@ -30,7 +30,8 @@ class Session:
     @property
     def job(self) -> Job:
         return Job(name=self.spec.name, spec_path=self.spec_path, plan=self.plan,
-                   max_restarts=self.spec.resources.max_restarts, hang_timeout_s=self.spec.training.collective_timeout_s,
+                   max_restarts=self.spec.resources.max_restarts,
+                   hang_timeout_s=self.spec.training.collective_timeout_s,
                    checkpoints_kept=self.spec.checkpoint.keep)
 
     def dry_run(self, options: LaunchOptions) -> LaunchRequest:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -21,8 +21,8 @@ from launcher.components import batch_feed, build_collate, build_datasets, build
 from launcher.compression.hooks import Compression
 from launcher.evaluation import evaluate_split
 from launcher.guards import NonFiniteError, StepAgreement
-from launcher.interrupts import PreemptionFlag
 from launcher.heartbeat import Heartbeat
+from launcher.interrupts import PreemptionFlag
 from launcher.memory import model_state_bytes, peak_rss_bytes
 from launcher.metrics import MetricsLogger, read_metrics
 from launcher.optim import build_scheduler, optimizer_factory
@@ -100,7 +100,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
 
     training = spec.training
     end_step = training.stop_at_step or training.max_steps
-    layout = BatchLayout(len(train_set), spec.data.micro_batch_size, training.grad_accum_steps,
+    layout = BatchLayout(len(cast(Sized, train_set)), spec.data.micro_batch_size, training.grad_accum_steps,
                          strategy.dp_rank, strategy.dp_size, spec.seed, spec.data.shuffle)
     collate = build_collate(spec.data)
     loader = DataLoader(train_set, batch_sampler=StepBatchSampler(layout, start_step, end_step),
@@ -111,6 +111,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         logger.say(f"resumed from {resume_from} at step {start_step}")
 
     def evaluate() -> dict[str, float]:
+        assert eval_set is not None  # called only when there is an eval split
         return evaluate_split(strategy, eval_set, spec.data.micro_batch_size, task_loss, feed, collate)
 
     record: dict[str, Any] = {}

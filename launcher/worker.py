@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 from launcher.heartbeat import Heartbeat
 from launcher.interrupts import PreemptionFlag
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         heartbeat.stop()
     if int(os.environ.get("RANK", 0)) == 0:
-        print(format_summary(summary), flush=True)
+        print(format_summary(cast(dict, summary)), flush=True)  # record() is typed as maybe returning None
 
 
 if __name__ == "__main__":

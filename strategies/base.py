@@ -46,9 +46,15 @@ class Strategy(Protocol):
     dp_size: int
     is_logging_rank: bool
     optimizer: torch.optim.Optimizer
-    model_parts: list[nn.Module]  # the unwrapped model: one part, or this rank's pipeline stages
-    local_optimizer_state: dict[Any, dict[str, Any]]  # the state this rank stores (for memory accounting)
     native_checkpoint: NativeCheckpoint | None  # None: the strategy is DCPStateful, checkpoints are DCP
+
+    @property
+    def model_parts(self) -> list[nn.Module]:
+        """The unwrapped model: one part, or this rank's pipeline stages."""
+
+    @property
+    def local_optimizer_state(self) -> dict[Any, dict[str, Any]]:
+        """The optimizer state this rank stores (for memory accounting)."""
 
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         """Build model and optimizer in ONE call: sharding strategies own both together. The model

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,4 +33,4 @@ class DDPStrategy(DataParallelStrategy):
 
     def _skip_grad_sync(self) -> contextlib.AbstractContextManager[Any]:
         # Gradients of non-final micro-batches stay local; the last backward all-reduces the sum.
-        return self.model.no_sync()
+        return cast(DistributedDataParallel, self.model).no_sync()  # _wrap made it one

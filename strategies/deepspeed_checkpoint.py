@@ -34,7 +34,7 @@ DEEPSPEED_DATA_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                           "deepspeed.utils.tensor_fragment.fragment_address")
 
 
-def _deepspeed_data_classes() -> list[type]:
+def _deepspeed_data_classes() -> list[Any]:
     import importlib
 
     return [getattr(importlib.import_module(module), name)
@@ -125,8 +125,8 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return {key: value.float() for key, value in model_states["module"].items()}
     model_states = load_weights_only(min(engine_dir.glob("*model_states.pt"), key=_rank_of))
     if model_states.get("frozen_param_shapes"):
-        raise UnreadableCheckpoint(f"{engine_dir}: exporting parameters with requires_grad=False from a ZeRO checkpoint is not"
-                        " supported")
+        raise UnreadableCheckpoint(f"{engine_dir}: exporting parameters with requires_grad=False from a ZeRO"
+                                   " checkpoint is not supported")
     partitions = [load_weights_only(f)["optimizer_state_dict"] for f in optim_files]
     if int(partitions[0]["zero_stage"]) == 3:
         params = _merge_stage3(model_states["param_shapes"], [p["fp32_flat_groups"] for p in partitions])
@@ -161,7 +161,8 @@ def _merge_stage1_2(shapes: list[dict[str, torch.Size]], partitions: list[dict[s
     return state
 
 
-def _merge_stage3(shapes: list[dict[str, torch.Size]], flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _merge_stage3(shapes: list[dict[str, torch.Size]],
+                  flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stage 3: every parameter is cut into ceil(numel / world) elements per rank (the last rank's
     slice padded); each rank's flat groups hold its slices of all parameters in order."""
     world = len(flat_groups)

@@ -44,7 +44,8 @@ def skip_shared_memory_comm_build() -> None:
 
 
 class DeepSpeedStrategy(DataParallelStrategy):
-    def __init__(self, device: torch.device, precision: str, config: dict[str, Any], feed: BatchFeed = BatchFeed()) -> None:
+    def __init__(self, device: torch.device, precision: str, config: dict[str, Any],
+                 feed: BatchFeed = BatchFeed()) -> None:
         super().__init__(device, precision, feed)
         self.config = config
         self.stage: int = config["zero_optimization"]["stage"]
@@ -151,6 +152,6 @@ class DeepSpeedStrategy(DataParallelStrategy):
             # Partitions are padded to equal size; the padding is not part of the model (its weights
             # are arbitrary, and l1*sign(w) there would leak into the gradient norm).
             start = self.dp_rank * grad.numel()
-            real = max(0, min(grad.numel(), param.ds_numel - start))
+            real = max(0, min(grad.numel(), param.ds_numel - start))  # type: ignore[attr-defined]  # set by DeepSpeed
             yield safe_get_local_fp32_param(param).view(-1)[:real], grad.view(-1)[:real]
             safe_set_local_grad(param, grad)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -23,8 +23,13 @@ from torch.distributed.fsdp import fully_shard
 from strategies.base import LossFn, OptimizerFactory
 from strategies.batch import BatchFeed
 from strategies.data_parallel import DataParallelStrategy
+from strategies.grads import ReduceFn
 from strategies.layers import find_layers
 from strategies.model_init import ModelRecipe
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, reshard_after_forward: bool, layers_path: str | None = None) -> nn.Module:
@@ -70,7 +75,7 @@ class FSDPStrategy(DataParallelStrategy):
             model.to_empty(device=self.device)
             with torch.no_grad():
                 for name, param in model.named_parameters():
-                    param.to_local().copy_(initial[name])
+                    cast("DTensor", param).to_local().copy_(initial[name])
                 for name, buffer in model.named_buffers():
                     buffer.copy_(initial[name])
         else:
@@ -82,11 +87,12 @@ class FSDPStrategy(DataParallelStrategy):
     @contextlib.contextmanager
     def _skip_grad_sync(self) -> Iterator[None]:
         # Gradients of non-final micro-batches accumulate unsharded; the last backward reduce-scatters.
-        self.module.set_requires_gradient_sync(False)
+        # self.module is an FSDPModule: fully_shard made it one (apply_fsdp)
+        cast("FSDPModule", self.module).set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            self.module.set_requires_gradient_sync(True)
+            cast("FSDPModule", self.module).set_requires_gradient_sync(True)
 
-    def _reduce_fn(self):  # type: ignore[no-untyped-def]
+    def _reduce_fn(self) -> ReduceFn:
         return self.reduce_sum  # each rank holds a shard: local sums add up over the group

@@ -37,9 +37,9 @@ def add_l1_l2_(params: Iterable[torch.nn.Parameter], l1: float, l2: float,
     """grad += l1*sign(w) + 2*l2*w for parameters with a gradient; return l1*|w|_1 + l2*|w|_2^2."""
     if l1 == 0 and l2 == 0:
         return torch.zeros(())
-    with_grad = [p for p in params if p.grad is not None]
+    with_grad = [(p, p.grad) for p in params if p.grad is not None]
     parts = torch.stack([
-        _l1_l2_pairs_(((local(p.detach()), local(p.grad)) for p in with_grad if is_sharded(p) == sharded), l1, l2)
+        _l1_l2_pairs_(((local(p.detach()), local(grad)) for p, grad in with_grad if is_sharded(p) == sharded), l1, l2)
         for sharded in (True, False)
     ])
     return _total(parts, reduce_sum).float()

@@ -5,12 +5,14 @@ for GPT-2); without one, the single nn.ModuleList whose children are all of one 
 """
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 
 def layer_list_candidates(model: nn.Module) -> list[str]:
     """Paths of every nn.ModuleList of two or more children of one class (outermost first)."""
-    found = []
+    found: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
             if not any(name.startswith(outer + ".") for outer in found):
@@ -37,4 +39,4 @@ def find_layers(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]
                          f" ({', '.join(candidates)}); name one")
     if not candidates:
         return None
-    return candidates[0], model.get_submodule(candidates[0])
+    return candidates[0], cast(nn.ModuleList, model.get_submodule(candidates[0]))  # a candidate is one

@@ -6,6 +6,7 @@ process starts, and the mesh strategy uses the same functions to split the model
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -18,7 +19,7 @@ class MeshLayout:
     microbatches: int = 1
     stages_per_rank: int = 1
     split_points: tuple[str, ...] = ()
-    tp_plan: dict[str, str] | None = field(default=None, hash=False)
+    tp_plan: Mapping[str, str] | None = field(default=None, hash=False)
     layers: str | None = None  # module path of the repeated layers (model.layers); None = found by looking
 
     @property

@@ -13,7 +13,7 @@ window it moves the same bytes as DDP with no_sync.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from strategies.base import Batch, LossFn, OptimizerFactory
 from strategies.batch import BatchFeed, to_device, tree_map
-from strategies.grads import local
+from strategies.grads import ReduceFn, local
 from strategies.layers import find_layers
 from strategies.layout import MeshLayout
 from strategies.model_init import ModelRecipe
@@ -49,7 +49,8 @@ class MeshStrategy(SingleProcessStrategy):
         self.has_first_stage = 0 in local_stages
         self.has_last_stage = layout.num_stages - 1 in local_stages
         self._loss_scale = 1.0
-        self._model_loss = None  # loss: model under pipeline parallel (see setup)
+        # loss: model under pipeline parallel (see setup)
+        self._model_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
@@ -127,7 +128,7 @@ class MeshStrategy(SingleProcessStrategy):
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def _reduce_fn(self):  # type: ignore[no-untyped-def]
+    def _reduce_fn(self) -> ReduceFn:
         def reduce(parts: torch.Tensor) -> torch.Tensor:
             # [sum over tensor-parallel shards, sum over whole tensors]: shards add up over tp; every
             # stage holds different parameters, so the stage totals add up over pp; dp replicas agree.
@@ -156,7 +157,7 @@ class MeshStrategy(SingleProcessStrategy):
             output = schedule.eval(*(args if self.has_first_stage else ()), **(kwargs if self.has_first_stage else {}))
         finally:
             self.module.train()
-        box = [tree_map(lambda tensor: tensor.float().cpu(), output) if self.has_last_stage else None]
+        box: list[Any] = [tree_map(lambda tensor: tensor.float().cpu(), output) if self.has_last_stage else None]
         dist.broadcast_object_list(box, group=self.groups["pp"], group_src=self.layout.pp_degree - 1)
         if self._model_loss is not None:  # what the model would return: its logits and its loss
             return {"logits": box[0], "loss": self._model_loss(box[0], target.cpu())}

@@ -74,7 +74,7 @@ class ModelRecipe:
                     continue
                 _materialize_own(module, shared)
                 if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                    module.reset_parameters()  # type: ignore[operator]  # Module.__getattr__ is typed Tensor | Module
                 hook(module)
                 _check_set(prefix, module)
                 if loaded is not None:
@@ -111,8 +111,8 @@ def _materialize_own(module: nn.Module, shared: dict[int, nn.Parameter]) -> None
         module._parameters[name] = real
     for name, buffer in list(module._buffers.items()):
         if buffer is not None and buffer.is_meta:
-            module._buffers[name] = (torch.full(buffer.shape, math.nan, dtype=buffer.dtype) if buffer.is_floating_point()
-                                     else torch.zeros(buffer.shape, dtype=buffer.dtype))
+            module._buffers[name] = (torch.full(buffer.shape, math.nan, dtype=buffer.dtype)
+                                     if buffer.is_floating_point() else torch.zeros(buffer.shape, dtype=buffer.dtype))
 
 
 def _check_set(prefix: str, module: nn.Module) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from strategies.batch import model_output
 from strategies.layout import MeshLayout, stage_block_ranges
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining.schedules import _PipelineSchedule
+    from torch.distributed.pipelining.stage import _PipelineStageBase
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 IGNORE_INDEX = -100
@@ -44,18 +48,19 @@ class StageBlocks(nn.Module):
         for index, block in blocks.items():
             self.add_module(str(index), block)
 
-    def __iter__(self) -> Iterator[nn.Module]:
+    def __iter__(self) -> Iterator[nn.Module | None]:
         return iter(self._modules.values())
 
     def __len__(self) -> int:
         return len(self._modules)
 
 
-def _view(source: nn.Module, layers_name: str, blocks: nn.Module, blocks_kept: list[int], first: bool,
-          last: bool) -> nn.Module:
+def _view(source: nn.Module, layers_name: str, blocks: nn.ModuleList | nn.Sequential, blocks_kept: list[int],
+          first: bool, last: bool) -> nn.Module:
     """A shallow copy of `source` sharing its submodules, with only `blocks_kept` and the ends it owns."""
     view = copy.copy(source)
-    view._modules, view._parameters, view._buffers = dict(source._modules), dict(source._parameters), dict(source._buffers)
+    view._modules, view._parameters, view._buffers = (dict(source._modules), dict(source._parameters),
+                                                      dict(source._buffers))
     names = list(source._modules)
     position = names.index(layers_name)
     setattr(view, layers_name, StageBlocks({i: blocks[i] for i in blocks_kept}))
@@ -112,7 +117,8 @@ def check_pipeline_model(model: nn.Module, layers_path: str, loss_from_model: bo
                              " function (e.g. token_cross_entropy)")
         return
     if layers_path != decoder.layers:
-        raise ValueError(f"{pipeline}: model.layers={layers_path}, but pipeline stages of {name} split {decoder.layers}")
+        raise ValueError(f"{pipeline}: model.layers={layers_path}, but pipeline stages of {name} split"
+                         f" {decoder.layers}")
     head, embedding = model.get_submodule(decoder.lm_head), model.get_submodule(decoder.embedding)
     if head.weight is embedding.weight:
         raise ValueError(f"{pipeline}: {name} ties {decoder.lm_head}.weight to {decoder.embedding}.weight, which would"
@@ -133,7 +139,7 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
     for part in parents:
         if part not in node._modules:
             node.add_module(part, StageBlocks({}))
-        node = node._modules[part]
+        node = cast(nn.Module, node._modules[part])  # added just above, or a container added before
     node.add_module(leaf, module)
 
 
@@ -144,7 +150,7 @@ class DecoderStage(nn.Module):
     def __init__(self, model: nn.Module, decoder: Decoder, kept: list[int], first: bool, last: bool) -> None:
         super().__init__()
         self.decoder, self.config, self.is_first, self.is_last = decoder, model.config, first, last
-        layers = model.get_submodule(decoder.layers)
+        layers = cast(nn.ModuleList, model.get_submodule(decoder.layers))  # HF keeps its decoder layers in one
         paths = [*(decoder.embed if first else ()), *decoder.shared, *(decoder.head if last else ())]
         parts = {path: model.get_submodule(path) for path in paths}
         parts[decoder.layers] = StageBlocks({i: layers[i] for i in kept})
@@ -166,7 +172,8 @@ class DecoderStage(nn.Module):
                                  " pipeline stages do not pass on; pad on the right with labels -100 and an all-ones"
                                  " mask (the same loss under causal attention), or train without parallel.pipeline")
             hidden = ids
-        return (_run_llama if self.decoder.arch == "llama" else _run_gpt2)(self, hidden)
+        # hidden: the first stage's token ids, a later stage's input from the schedule
+        return (_run_llama if self.decoder.arch == "llama" else _run_gpt2)(self, cast(torch.Tensor, hidden))
 
 
 def _causal_mask(config: Any, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
@@ -178,7 +185,7 @@ def _causal_mask(config: Any, hidden: torch.Tensor, positions: torch.Tensor) -> 
 
 
 def _run_llama(stage: DecoderStage, hidden: torch.Tensor) -> torch.Tensor:
-    model = stage.get_submodule("model")
+    model: Any = stage.get_submodule("model")  # LlamaModel: its parts are read as attributes
     if stage.is_first:
         hidden = model.embed_tokens(hidden)
     positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
@@ -187,12 +194,12 @@ def _run_llama(stage: DecoderStage, hidden: torch.Tensor) -> torch.Tensor:
     for layer in model.layers:
         hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
     if stage.is_last:
-        hidden = stage.lm_head(model.norm(hidden))
+        hidden = stage.get_submodule("lm_head")(model.norm(hidden))
     return hidden
 
 
 def _run_gpt2(stage: DecoderStage, hidden: torch.Tensor) -> torch.Tensor:
-    model = stage.get_submodule("transformer")
+    model: Any = stage.get_submodule("transformer")  # GPT2Model: its parts are read as attributes
     positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     if stage.is_first:
         hidden = model.wte(hidden)
@@ -203,7 +210,7 @@ def _run_gpt2(stage: DecoderStage, hidden: torch.Tensor) -> torch.Tensor:
     for block in model.h:
         hidden = block(hidden, None, mask, None, use_cache=False, position_ids=positions)
     if stage.is_last:
-        hidden = stage.lm_head(model.ln_f(hidden))
+        hidden = stage.get_submodule("lm_head")(model.ln_f(hidden))
     return hidden
 
 
@@ -232,7 +239,7 @@ def pipeline_split(model: nn.Module, layout: MeshLayout, pp_rank: int,
     if model._parameters or model._buffers:
         raise TypeError(f"{type(model).__name__} holds parameters or buffers directly on the root module; pipeline"
                         " parallel assigns whole submodules to stages, so move them into a submodule")
-    blocks = model.get_submodule(layers_name)
+    blocks = cast("nn.ModuleList | nn.Sequential", model.get_submodule(layers_name))  # indexed and counted
     ranges = stage_block_ranges(len(blocks), layout.num_stages, layout.split_points, layers_name)
     local = layout.stage_indices(pp_rank)
     last = layout.num_stages - 1
@@ -264,14 +271,15 @@ class TensorOutput(nn.Module):
 
 def build_schedule(layout: MeshLayout, stage_modules: list[nn.Module], pp_rank: int, device: torch.device,
                    group: torch.distributed.ProcessGroup, loss_fn: Callable | None, microbatches: int,
-                   schedule: str | None = None):  # type: ignore[no-untyped-def]
+                   schedule: str | None = None) -> _PipelineSchedule:
     """The schedule over this rank's stages. Gradients are NOT scaled by the schedule: the loss
     function carries the 1/(microbatches x accumulation) factor, so a window of several
     `step` calls accumulates the gradient of the window's mean loss."""
     last = layout.num_stages - 1
-    stages = [PipelineStage(TensorOutput(module) if index == last else module, index, layout.num_stages, device,
-                            group=group)
-              for module, index in zip(stage_modules, layout.stage_indices(pp_rank))]
+    stages: list[_PipelineStageBase] = [
+        PipelineStage(TensorOutput(module) if index == last else module, index, layout.num_stages, device, group=group)
+        for module, index in zip(stage_modules, layout.stage_indices(pp_rank))
+    ]
     cls = SCHEDULES[schedule or layout.schedule]
     if cls is ScheduleInterleaved1F1B:
         return cls(stages, microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from strategies.base import Batch, LossFn, OptimizerFactory
+from strategies.base import Batch, LossFn, NativeCheckpoint, OptimizerFactory
 from strategies.batch import BatchFeed, to_device
-from strategies.grads import add_l1_l2_, clip_grad_norm_
+from strategies.grads import ReduceFn, add_l1_l2_, clip_grad_norm_
 from strategies.model_init import ModelRecipe
 
 
@@ -23,7 +23,7 @@ class SingleProcessStrategy:
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.dp_rank, self.dp_size = 0, 1
         self.is_logging_rank = True
-        self.native_checkpoint = None  # DCP over state_dict()
+        self.native_checkpoint: NativeCheckpoint | None = None  # DCP over state_dict()
 
     # -- hooks for data-parallel subclasses ------------------------------------------------------
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -32,7 +32,7 @@ class SingleProcessStrategy:
     def _skip_grad_sync(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def _reduce_fn(self):  # type: ignore[no-untyped-def]
+    def _reduce_fn(self) -> ReduceFn | None:
         return None  # parameters are whole on every rank: local sums are global sums
 
     # -- Strategy --------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ class SingleProcessStrategy:
     def regularize(self, l1: float, l2: float) -> torch.Tensor:
         return add_l1_l2_(self.module.parameters(), l1, l2, self._reduce_fn())
 
-    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor | None:
         return clip_grad_norm_(self.module.parameters(), max_norm, self._reduce_fn())
 
     def optimizer_step(self) -> torch.Tensor | None:
@@ -84,7 +84,8 @@ class SingleProcessStrategy:
         return value
 
     def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict  # at the first save (see launcher/checkpoint.py)
+        # imported at the first save (see launcher/checkpoint.py)
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}

@@ -7,6 +7,7 @@ after them takes that shard and all-reduces its output, so the rest of the model
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from fnmatch import fnmatch
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 
 
-def resolve_tp_plan(model: nn.Module, spec_plan: dict[str, str] | None) -> dict[str, str]:
+def resolve_tp_plan(model: nn.Module, spec_plan: Mapping[str, str] | None) -> dict[str, str]:
     plan = spec_plan if spec_plan is not None else getattr(model, "tp_plan", None)
     if not plan:
         raise ValueError(f"{type(model).__name__} declares no tp_plan; give parallel.tp_plan")

@@ -21,6 +21,8 @@ from strategies.model_init import ModelRecipe
 
 
 class ZeroOneStrategy(DDPStrategy):
+    optimizer: ZeroRedundancyOptimizer
+
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         self.module = recipe.full().to(self.device)
         self.model = self._wrap(self.module)

@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from launcher.procs import worker_pids
-from tests.helpers import (comparable, final_params, launch_ok, make_spec, params_equal, run_dir, start_launch,
-                           wait_for_step)
+from tests.helpers import (
+    comparable,
+    final_params,
+    launch_ok,
+    make_spec,
+    params_equal,
+    run_dir,
+    start_launch,
+    wait_for_step,
+)
 
 # ~50 ms of data loading per step per rank, so a test can act between steps.
 SLOW: dict[str, Any] = {

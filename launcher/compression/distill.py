@@ -42,6 +42,7 @@ def teacher_component(spec: TeacherSpec, checkpoint: Path | None) -> ComponentSp
         return ComponentSpec(target=spec.target, kwargs=spec.kwargs)
     from launcher.spec import spec_from_json_file
 
+    assert checkpoint is not None  # TeacherSpec: a target, a checkpoint or both
     run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_*
     return spec_from_json_file(run_dir / "spec.json").model
 
@@ -80,6 +81,7 @@ class TeacherAnnotator:
         self.teacher, self.device = teacher, device
 
     @torch.no_grad()
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         inputs, labels = batch
         return inputs, (labels, self.teacher(inputs.to(self.device)))

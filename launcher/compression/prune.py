@@ -17,7 +17,7 @@ from torch.nn.utils import prune
 from launcher.spec.schema import PruneSpec
 
 
-def prunable_weights(model_parts: Iterable[nn.Module]) -> dict[str, torch.nn.Parameter]:
+def prunable_weights(model_parts: Iterable[nn.Module]) -> dict[str, torch.Tensor]:
     return {
         f"{index}.{name}.weight": module.weight
         for index, part in enumerate(model_parts)
@@ -34,7 +34,8 @@ class Pruner:
 
     def target_sparsity(self, step: int) -> float:
         sched = self.spec.schedule
-        progress = 1.0 if sched.end_step == sched.start_step else (step - sched.start_step) / (sched.end_step - sched.start_step)
+        progress = (1.0 if sched.end_step == sched.start_step
+                    else (step - sched.start_step) / (sched.end_step - sched.start_step))
         progress = min(1.0, max(0.0, progress))
         ramp = 1.0 - (1.0 - progress) ** 3 if sched.ramp == "cubic" else progress
         return self.spec.amount * ramp
@@ -56,7 +57,7 @@ class Pruner:
     def _compute_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
         weights = {name: w.detach() for name, w in self.weights.items()}
         if self.spec.method == "l1_structured":
-            method = prune.LnStructured(amount=sparsity, n=1, dim=0)
+            method: prune.BasePruningMethod = prune.LnStructured(amount=sparsity, n=1, dim=0)
             return {name: method.compute_mask(w, torch.ones_like(w)) for name, w in weights.items()}
         if self.spec.scope == "per_layer":
             method = prune.L1Unstructured(amount=sparsity)

@@ -45,9 +45,11 @@ def quantize_run(run_dir: Path, method: str, calibrate: int | None) -> dict[str,
     loss_fn = build_loss(spec.loss)
     example = next(iter(eval_loader))[0]
     fp32_ms, int8_ms = _latency_ms(model, quantized, example)
-    report = {
-        "method": method, "checkpoint": str(checkpoint), "calibration_batches": len(calibration) if method == "static_int8" else 0,
-        "size_bytes": {"fp32": (staging / "model_fp32.pt").stat().st_size, "int8": (staging / "model_int8.pt").stat().st_size},
+    report: dict[str, Any] = {
+        "method": method, "checkpoint": str(checkpoint),
+        "calibration_batches": len(calibration) if method == "static_int8" else 0,
+        "size_bytes": {"fp32": (staging / "model_fp32.pt").stat().st_size,
+                       "int8": (staging / "model_int8.pt").stat().st_size},
         "eval": {"fp32": evaluate(model, eval_loader, loss_fn), "int8": evaluate(quantized, eval_loader, loss_fn)},
         "latency_ms_median": {"fp32": fp32_ms, "int8": int8_ms, "batch_size": len(example)},
     }
@@ -79,7 +81,8 @@ def quantize(model: nn.Module, method: str, calibration: list[torch.Tensor]) -> 
     try:
         prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (calibration[0],))
     except Exception as exc:  # symbolic tracing fails on data-dependent control flow
-        raise UserError(f"static_int8: the model cannot be traced for static quantization ({exc}); use dynamic_int8") from None
+        raise UserError(f"static_int8: the model cannot be traced for static quantization ({exc});"
+                        " use dynamic_int8") from None
     with torch.no_grad():
         for batch in calibration:
             prepared(batch)

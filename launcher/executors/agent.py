@@ -111,9 +111,12 @@ def _loopback_stores() -> None:
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
-    c10d_rendezvous_backend.TCPStore = loopback_store  # the rendezvous store (--rdzv-backend=c10d)
-    static_tcp_rendezvous.TCPStore = loopback_store  # accelerate's single-node static rendezvous
-    DynamicRendezvousHandler._create_tcp_store_server = (  # the agent store: MASTER_ADDR:MASTER_PORT
+    # Monkeypatches (a function where torch has a class or a method), hence the type: ignores.
+    # The rendezvous store (--rdzv-backend=c10d), accelerate's single-node static rendezvous, and the
+    # agent store (MASTER_ADDR:MASTER_PORT):
+    c10d_rendezvous_backend.TCPStore = loopback_store  # type: ignore[misc, assignment]
+    static_tcp_rendezvous.TCPStore = loopback_store  # type: ignore[misc, assignment]
+    DynamicRendezvousHandler._create_tcp_store_server = (  # type: ignore[method-assign]
         lambda self, master_addr, master_port: loopback_store(
             host_name=master_addr, port=master_port, is_master=True, multi_tenant=True))
 
@@ -131,6 +134,7 @@ def _ranks_die_with_the_agent() -> None:
             os._exit(1)
 
     def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
-        return subprocess.Popen(*args, preexec_fn=rank_preexec, **kwargs)
+        return subprocess.Popen(*args, preexec_fn=rank_preexec, **kwargs)  # type: ignore[call-overload]
 
-    subprocess_handler.Popen = popen  # torch elastic starts each rank with this name (start_new_session=True)
+    # torch elastic starts each rank with this name (start_new_session=True)
+    subprocess_handler.Popen = popen  # type: ignore[misc, assignment]

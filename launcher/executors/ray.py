@@ -51,8 +51,8 @@ class RayExecutor:
         cpus = max(os.cpu_count() or 1, plan.world_size)
         settings: dict[str, Any] = {
             "ray.init": ({"address": address} if address else
-                         {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": cpus,
-                          "runtime_env": {"worker_process_setup_hook": LOOPBACK_HOOK}}),
+                         {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
+                          "num_cpus": cpus, "runtime_env": {"worker_process_setup_hook": LOOPBACK_HOOK}}),
             "ray.shutdown": "no (a cluster this launcher joined)" if address else "yes, after the run (embedded Ray)",
             "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
             "train_loop_per_worker": TRAIN_LOOP,

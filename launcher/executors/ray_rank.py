@@ -21,8 +21,8 @@ from launcher.startup import StartupClock
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    from launcher.trainer import CheckpointExchange
     from launcher.rank import format_summary, run_rank
+    from launcher.trainer import CheckpointExchange
 
     if Path(config["cwd"]).is_dir():  # Ray starts workers in its own directory; user code lives in the launcher's
         os.chdir(config["cwd"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI imports this module; torch (via the plan) only when a command needs it
     from launcher.plan import Plan
@@ -47,7 +47,7 @@ class LaunchRequest:
     executor: str
     argv: tuple[str, ...] = ()  # the command, for executors that start a process tree
     env: dict[str, str] = field(default_factory=dict)  # set on top of the caller's environment
-    settings: dict[str, str] = field(default_factory=dict)  # everything else the executor passes (Ray's configs)
+    settings: dict[str, Any] = field(default_factory=dict)  # everything else the executor passes (Ray's configs)
     files: dict[str, str] = field(default_factory=dict)  # path -> what it is
     generated: dict[str, str] = field(default_factory=dict)  # path -> content, written by run()
     marker: str = ""  # the run (and node) as the ranks' command lines name it; never used to find processes

@@ -11,7 +11,7 @@ Python parser takes ~7 s for a 1 MiB file, this ~1.5 s.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from yaml.composer import Composer
@@ -59,12 +59,16 @@ class _BoundedComposer(Composer):
         self._depth = 0
         self._sizes: dict[int, int] = {}  # id(finished node) -> its expanded size
 
+    if TYPE_CHECKING:  # the parser's, in BoundedLoader
+        def check_event(self, *choices: Any) -> bool: ...
+        def peek_event(self) -> Any: ...
+
     def _count(self, n: int, mark: Any) -> None:
         self._expanded += n
         if self._expanded > MAX_NODES:
             raise _Refused(f"more than {MAX_NODES} YAML nodes once aliases are expanded{_at(mark)} (an alias bomb?)")
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if self.check_event(AliasEvent):
             event = self.peek_event()
             target = self.anchors.get(event.anchor)
@@ -86,7 +90,7 @@ class _BoundedComposer(Composer):
         self._depth -= 1
         return node
 
-    def compose_mapping_node(self, anchor: str | None) -> MappingNode:
+    def compose_mapping_node(self, anchor: Any) -> MappingNode:  # the anchor's name or None (the stubs say dict)
         node = super().compose_mapping_node(anchor)
         seen: dict[tuple[str, str], Any] = {}
         for key, _ in node.value:
@@ -99,7 +103,7 @@ class _BoundedComposer(Composer):
         return node
 
 
-class BoundedLoader(_BoundedComposer, _Parser, SafeConstructor, Resolver):  # type: ignore[misc,valid-type]
+class BoundedLoader(_BoundedComposer, _Parser, SafeConstructor, Resolver):
     """A safe loader with the limits above (libyaml events, Python composer and constructor)."""
 
     def __init__(self, stream: str) -> None:

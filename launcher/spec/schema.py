@@ -8,7 +8,7 @@ make `max_steps: true` a 1), and non-finite numbers (`.inf`, `.nan`, "inf") in a
 from __future__ import annotations
 
 import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, cast, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -32,7 +32,7 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        annotation = cls.model_fields[info.field_name].annotation
+        annotation = cls.model_fields[cast(str, info.field_name)].annotation  # always set in a field validator
         if get_origin(annotation) in (tuple, list) and isinstance(value, (list, tuple)):  # e.g. betas
             refused = any(isinstance(v, bool) for v in value) and any(map(_refuses_bool, get_args(annotation)))
         else:
@@ -77,9 +77,11 @@ class DataSpec(ComponentSpec):
         default="positional", description="positional = (input, target) pairs fed as model(input); kwargs = dict"
                                           " samples fed as model(**sample)")
     target_key: str = Field(default="labels", min_length=1,
-                            description="feed kwargs: the entry handed to the loss function (kept in the batch with loss: model)")
+                            description="feed kwargs: the entry handed to the loss function"
+                                        " (kept in the batch with loss: model)")
     collate: str | None = Field(default=None, pattern=IMPORT_PATH,
-                                description='"module:callable" merging a list of samples into a batch (variable-length samples)')
+                                description='"module:callable" merging a list of samples into a batch'
+                                            ' (variable-length samples)')
     shuffle: bool = True
     eval_kwargs: dict[str, Any] | None = Field(
         default=None, description="kwargs merged over `kwargs` to build the eval split; null = no eval"
@@ -133,7 +135,8 @@ class TrainingSpec(Section):
     )
     collective_timeout_s: float = Field(
         default=300.0, gt=0, le=MAX_TIMEOUT_S,
-        description="process-group timeout (at most a day); the launcher calls a job hung 20% (>= 5 s) sooner, naming the stuck rank"
+        description="process-group timeout (at most a day); the launcher calls a job hung 20% (>= 5 s) sooner,"
+                    " naming the stuck rank"
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update"
@@ -157,7 +160,8 @@ class StrategySpec(Section):
         default=False, description="ddp and zero 1: let DDP find parameters that got no gradient (a slower backward);"
                                    " needed when some layers are skipped in forward")
     static_graph: bool = Field(
-        default=False, description="ddp and zero 1: the set of used parameters never changes (lets DDP skip the search)")
+        default=False,
+        description="ddp and zero 1: the set of used parameters never changes (lets DDP skip the search)")
 
     @model_validator(mode="after")
     def _stage_goes_with_zero(self) -> StrategySpec:
@@ -169,7 +173,8 @@ class StrategySpec(Section):
             raise ValueError("offload_optimizer and config apply to name deepspeed only")
         if (self.find_unused_parameters or self.static_graph) and not (
                 self.name in ("ddp", "auto") or (self.name == "zero" and self.stage == 1)):
-            raise ValueError("find_unused_parameters and static_graph apply to name ddp (or auto) and zero stage 1 only")
+            raise ValueError("find_unused_parameters and static_graph apply to name ddp (or auto)"
+                             " and zero stage 1 only")
         return self
 
 
@@ -188,7 +193,8 @@ class ParallelSpec(Section):
         default_factory=list,
         description='module paths where a new stage begins, e.g. ["blocks.2"]; empty = even split of model.blocks')
     tp_plan: dict[str, Literal["colwise", "rowwise"]] | None = Field(
-        default=None, description="module path (fnmatch, e.g. blocks.*.fc1) -> colwise|rowwise; null = the model's tp_plan")
+        default=None,
+        description="module path (fnmatch, e.g. blocks.*.fc1) -> colwise|rowwise; null = the model's tp_plan")
 
     @field_validator("data")
     @classmethod
@@ -208,7 +214,8 @@ class ResourcesSpec(Section):
     nodes: int = Field(default=1, gt=0, description="at most 1024 unless the environment sets MESHYARD_MAX_NODES")
     procs_per_node: int = Field(default=1, gt=0, description="at most 256 unless the environment sets"
                                                             " MESHYARD_MAX_PROCS_PER_NODE")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda+nccl if present, else cpu+gloo")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto",
+                                                   description="auto = cuda+nccl if present, else cpu+gloo")
     max_restarts: int = Field(default=0, ge=0, description="elastic restarts of the whole worker group")
 
 
@@ -217,11 +224,13 @@ class CheckpointSpec(Section):
 
     resume: str = Field(
         default="auto",
-        description="auto = newest complete checkpoint of this run, never = refuse an existing one, or a checkpoint path",
+        description="auto = newest complete checkpoint of this run, never = refuse an existing one,"
+                    " or a checkpoint path",
     )
     keep: int = Field(default=3, gt=0, description="complete checkpoints kept; older ones pruned")
     async_save: bool = Field(
-        default=False, alias="async", description="write shards in the background (DCP async_save) while training goes on"
+        default=False, alias="async",
+        description="write shards in the background (DCP async_save) while training goes on"
     )
 
 

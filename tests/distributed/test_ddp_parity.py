@@ -37,6 +37,7 @@ def test_two_ranks_with_accumulation_match_one_process(tmp_path, optimizer):
 
 def test_accumulation_matches_one_big_batch(tmp_path):
     big = train_in_process(make_spec(tmp_path, "big", data=FULL_BATCH_DATA))  # one batch of 24: the loss falls
-    spec = make_spec(tmp_path, "accum", data={**FULL_BATCH_DATA, "micro_batch_size": 4}, training={"grad_accum_steps": 6})
+    spec = make_spec(tmp_path, "accum", data={**FULL_BATCH_DATA, "micro_batch_size": 4},
+                     training={"grad_accum_steps": 6})
     accum = train_in_process(spec)
     assert_runs_match(big, accum, TOL)

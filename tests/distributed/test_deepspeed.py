@@ -10,8 +10,17 @@ import torch
 from launcher.cli import main
 from strategies.deepspeed_checkpoint import load_weights_only
 from tests.fixtures.build_probe import launched_builds
-from tests.helpers import (BASE_SPEC, Planted, assert_runs_match, launch_ok, launch_resumed, make_spec, meshyard, reseal,
-                           train_in_process)
+from tests.helpers import (
+    BASE_SPEC,
+    Planted,
+    assert_runs_match,
+    launch_ok,
+    launch_resumed,
+    make_spec,
+    meshyard,
+    reseal,
+    train_in_process,
+)
 
 pytestmark = pytest.mark.distributed
 

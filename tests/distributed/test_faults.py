@@ -22,8 +22,19 @@ from launcher.guards import VOTE_PERIOD_S
 from launcher.metrics import read_metrics
 from launcher.procs import processes_with_marker, worker_pids
 from tests.faults import SLOW, kill_random_rank_trial, reference_run
-from tests.helpers import (REPO, comparable, final_params, launch_ok, launch_resumed, make_spec, meshyard, params_equal,
-                           run_dir, start_launch, wait_for_step)
+from tests.helpers import (
+    REPO,
+    comparable,
+    final_params,
+    launch_ok,
+    launch_resumed,
+    make_spec,
+    meshyard,
+    params_equal,
+    run_dir,
+    start_launch,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.distributed
 

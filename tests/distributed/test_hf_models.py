@@ -78,5 +78,6 @@ def test_exported_safetensors_load_with_from_pretrained(tmp_path, references, ar
     state = final_params(run)
     assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items() if k in state)
     # model.init_from reads the same file back (tied weights stored once) into a fresh model
-    recipe = ModelRecipe(lambda: causal_lm(**TINY[arch]), init_from=str(run / "export" / "safetensors" / "model.safetensors"))
+    recipe = ModelRecipe(lambda: causal_lm(**TINY[arch]),
+                         init_from=str(run / "export" / "safetensors" / "model.safetensors"))
     assert max_param_diff(recipe.full().state_dict(), state) == 0

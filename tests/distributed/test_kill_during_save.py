@@ -12,8 +12,16 @@ import pytest
 from launcher.checkpoint import PARTIAL_PREFIX, find_latest
 from launcher.metrics import read_metrics
 from launcher.session import prepare
-from tests.helpers import (REPO, assert_resumed, comparable, final_params, make_spec, params_equal, train_in_process,
-                           wait_for_step)
+from tests.helpers import (
+    REPO,
+    assert_resumed,
+    comparable,
+    final_params,
+    make_spec,
+    params_equal,
+    train_in_process,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.distributed
 

@@ -12,7 +12,15 @@ import pytest
 from launcher.checkpoint import load_model_weights
 from launcher.metrics import read_metrics
 from launcher.models import mlp, transformer
-from tests.helpers import assert_resumed, assert_runs_match, final_params, launch_ok, make_spec, max_param_diff, train_in_process
+from tests.helpers import (
+    assert_resumed,
+    assert_runs_match,
+    final_params,
+    launch_ok,
+    make_spec,
+    max_param_diff,
+    train_in_process,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -25,7 +33,8 @@ MLP = {"model": {"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "hidde
        "data": {"kwargs": {"n": 96, "in_dim": 8, "out_dim": 1}, "eval_kwargs": {"n": 20, "seed": 1},
                 "micro_batch_size": 8},
        "optimizer": SGD, "training": {"max_steps": 5, "grad_accum_steps": 3, "log_every": 1, "checkpoint_every": 3}}
-LM = {"model": {"target": "launcher.models:transformer", "kwargs": {"dim": 32, "n_heads": 4, "n_layers": 2, "max_len": 16}},
+LM = {"model": {"target": "launcher.models:transformer",
+                "kwargs": {"dim": 32, "n_heads": 4, "n_layers": 2, "max_len": 16}},
       "data": {"target": "launcher.data:char_corpus", "kwargs": {"n": 64, "seq_len": 16},
                "eval_kwargs": {"n": 12, "seed": 1}, "micro_batch_size": 4},
       "loss": "token_cross_entropy",

@@ -72,7 +72,8 @@ def test_checkpoint_from_2_ranks_resumes_at_another_world_size(tmp_path, uninter
 
 # >= 10M parameters: 12 blocks of 1024 x 1024 + a head (12 equal tensors split evenly over 2 or 4
 # ranks, which ZeRO-1's whole-tensor partition needs to be balanced).
-BIG = {"model": {"target": "launcher.models:mlp", "kwargs": {"in_dim": 1024, "hidden": 1024, "out_dim": 1, "depth": 12}},
+BIG = {"model": {"target": "launcher.models:mlp",
+                 "kwargs": {"in_dim": 1024, "hidden": 1024, "out_dim": 1, "depth": 12}},
        "data": {"kwargs": {"n": 64, "in_dim": 1024, "out_dim": 1}, "micro_batch_size": 4},
        "optimizer": {"name": "adam", "lr": 1.0e-4},
        "training": {"max_steps": 2, "log_every": 1}}

@@ -10,7 +10,8 @@ import pytest
 from launcher.cli import main
 from tests.helpers import REPO, assert_runs_match, launch_ok, make_spec, train_in_process
 
-LINEAR_HEAVY = {"target": "launcher.models:classifier", "kwargs": {"in_dim": 16, "hidden": 256, "num_classes": 4, "depth": 3}}
+LINEAR_HEAVY = {"target": "launcher.models:classifier",
+                "kwargs": {"in_dim": 16, "hidden": 256, "num_classes": 4, "depth": 3}}
 CLASSIFIER = {
     "model": {"target": "launcher.models:classifier", "kwargs": {"in_dim": 16, "hidden": 64, "num_classes": 4}},
     "data": {"target": "launcher.data:synthetic_classification", "micro_batch_size": 32,
@@ -45,7 +46,8 @@ def test_distillation_beats_the_same_student_without_a_teacher(tmp_path):
         "training": {"max_steps": 300, "log_every": 100}}))
     # The student sees only 256 examples: the teacher's soft labels carry what the data lacks.
     student = {**CLASSIFIER, "data": {**CLASSIFIER["data"], "kwargs": {"n": 256, "in_dim": 16, "num_classes": 4}},
-               "model": {"target": "launcher.models:classifier", "kwargs": {"in_dim": 16, "hidden": 16, "num_classes": 4}},
+               "model": {"target": "launcher.models:classifier",
+                         "kwargs": {"in_dim": 16, "hidden": 16, "num_classes": 4}},
                "training": {"max_steps": 300, "log_every": 100}}
     alone = train_in_process(make_spec(tmp_path, "alone", **student))
     taught = train_in_process(make_spec(tmp_path, "taught", **student, compression={
@@ -91,7 +93,8 @@ def test_dynamic_int8_is_small_accurate_and_loads_in_a_fresh_process(tmp_path, c
 
 
 def test_static_int8_with_calibration_writes_a_report(tmp_path, capsys):
-    run = train_in_process(make_spec(tmp_path, "dense", **{**CLASSIFIER, "model": LINEAR_HEAVY, "training": {"max_steps": 60}}))
+    run = train_in_process(make_spec(tmp_path, "dense",
+                                     **{**CLASSIFIER, "model": LINEAR_HEAVY, "training": {"max_steps": 60}}))
     assert main(["quantize", str(run), "--method", "static_int8", "--calibrate", "4"]) == 0
     report = json.loads((run / "quantized" / "report.json").read_text())
     assert report["calibration_batches"] == 4 and report["size_ratio"] < 0.35

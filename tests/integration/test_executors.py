@@ -22,8 +22,17 @@ from launcher.heartbeat import read_heartbeats
 from launcher.metrics import read_metrics
 from launcher.procs import descendants, launch_processes, processes_with_marker
 from launcher.session import prepare
-from tests.helpers import (REPO, assert_runs_match, free_port, launch_ok, make_spec, meshyard, run_dir, start_launch,
-                           wait_for_step)
+from tests.helpers import (
+    REPO,
+    assert_runs_match,
+    free_port,
+    launch_ok,
+    make_spec,
+    meshyard,
+    run_dir,
+    start_launch,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-6
@@ -126,7 +135,7 @@ def test_two_launchers_form_one_two_node_job(tmp_path):
     nodes = [start_launch(spec, args=("--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint))
              for r in (0, 1)]
     results = finish_all(nodes, timeout=180)
-    for node, (out, err) in zip(nodes, results):
+    for node, (_out, _err) in zip(nodes, results):
         assert node.returncode == 0, results
     run = run_dir(spec)
     assert summary(run)["world_size"] == 4 and summary(run)["steps"] == 4

@@ -66,7 +66,8 @@ def ray_head():
             f"--runtime-env-agent-port={ports[6]}", f"--metrics-export-port={ports[7]}",
             f"--worker-port-list={worker_ports}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 90
@@ -124,7 +125,8 @@ def test_a_long_job_is_stopped(tmp_path, ray_head):
     # User code travels in the packaged working directory: the slow dataset is a module there.
     shutil.copy(REPO / "tests" / "fixtures" / "faulty.py", tmp_path / "slowdata.py")
     spec = make_spec(tmp_path, "long", strategy={"name": "ddp"}, resources={"procs_per_node": 2},
-                     data={"target": "slowdata:SlowDataset", "kwargs": {"n": 96, "in_dim": 8, "out_dim": 1, "delay_s": 0.05}},
+                     data={"target": "slowdata:SlowDataset",
+                           "kwargs": {"n": 96, "in_dim": 8, "out_dim": 1, "delay_s": 0.05}},
                      training={"max_steps": 100000})
     job_id = submitted_id(meshyard("submit", str(spec), "--address", address, "--working-dir", str(tmp_path), env=env))
     assert wait_status(address, env, job_id, {"RUNNING"}) == "RUNNING"

@@ -107,7 +107,8 @@ def test_teacher_payload_is_refused_before_a_distillation_starts(run, tmp_path):
     _, teacher = run
     marker = tmp_path / "marker"
     plant_in_metadata(newest(teacher), marker)
-    student = make_spec(tmp_path, "student", **SMALL, compression={"distill": {"teacher": {"checkpoint": str(teacher)}}})
+    student = make_spec(tmp_path, "student", **SMALL,
+                        compression={"distill": {"teacher": {"checkpoint": str(teacher)}}})
     result = meshyard("launch", str(student))
     refused_in_one_line(result, marker, f"{newest(teacher)}/.metadata: refused to load")
     assert not (tmp_path / "runs" / "student" / "metrics.jsonl").exists()
@@ -118,7 +119,8 @@ def test_bytes_entry_payload_is_refused_by_launch(run, tmp_path):
     marker = tmp_path / "marker"
     plant_in_bytes_entry(newest(run_dir), marker)
     result = meshyard("launch", str(spec), "--set", "training.max_steps=6")
-    refused_in_one_line(result, marker, f"{newest(run_dir)}/__0_0.distcp (entry optim.param_groups.0.lr): refused to load")
+    refused_in_one_line(result, marker,
+                        f"{newest(run_dir)}/__0_0.distcp (entry optim.param_groups.0.lr): refused to load")
 
 
 def test_bytes_entry_payload_is_refused_in_the_rank(run, tmp_path):

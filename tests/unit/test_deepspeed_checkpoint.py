@@ -8,7 +8,12 @@ import torch
 
 from launcher.cli import main
 from launcher.session import prepare
-from strategies.deepspeed_checkpoint import CHECKPOINT_TAG, UnreadableCheckpoint, consolidated_state_dict, load_weights_only
+from strategies.deepspeed_checkpoint import (
+    CHECKPOINT_TAG,
+    UnreadableCheckpoint,
+    consolidated_state_dict,
+    load_weights_only,
+)
 from tests.helpers import Planted, make_spec, reseal
 
 

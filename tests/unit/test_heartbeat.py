@@ -6,8 +6,16 @@ import subprocess
 import sys
 import time
 
-from launcher.heartbeat import (FROZEN_AFTER_S, INTERVAL_S, HangWatch, Heartbeat, diagnose, frozen_ranks,
-                                read_heartbeats, watch_seconds)
+from launcher.heartbeat import (
+    FROZEN_AFTER_S,
+    INTERVAL_S,
+    HangWatch,
+    Heartbeat,
+    diagnose,
+    frozen_ranks,
+    read_heartbeats,
+    watch_seconds,
+)
 from tests.helpers import REPO
 
 WAITING = "/x/torch/distributed/distributed_c10d.py:4000 in all_reduce"

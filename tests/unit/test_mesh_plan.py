@@ -18,7 +18,8 @@ from tests.unit.test_plan import spec_with
         (4, {"tensor": 2}, (2, 2, 1, 1)),
         (4, {"pipeline": 2, "microbatches": 4}, (2, 1, 2, 4)),
         (8, {"tensor": 2, "pipeline": 2}, (2, 2, 2, 2)),  # microbatches default to the pipeline degree
-        (4, {"data": 1, "tensor": 2, "pipeline": 2, "schedule": "interleaved_1f1b", "stages_per_rank": 2}, (1, 2, 2, 2)),
+        (4, {"data": 1, "tensor": 2, "pipeline": 2, "schedule": "interleaved_1f1b", "stages_per_rank": 2},
+         (1, 2, 2, 2)),
     ],
 )
 def test_mesh_degrees_and_batch_identity(procs, parallel, expect):

@@ -23,7 +23,7 @@ def test_overrides_are_typed_by_the_schema(tmp_path):
 def test_spec_is_frozen(tmp_path):
     spec = load_spec(make_spec(tmp_path))
     with pytest.raises(ValidationError, match="frozen"):
-        spec.optimizer.lr = 1.0  # type: ignore[misc]
+        spec.optimizer.lr = 1.0
 
 
 def test_schema_command_prints_json_schema(capsys):

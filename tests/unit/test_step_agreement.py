@@ -21,7 +21,7 @@ def _rank(rank: int, port: int, results: multiprocessing.Queue) -> None:
     votes: list[int] = []
     real_all_reduce = dist.all_reduce
 
-    def counting_all_reduce(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting_all_reduce(tensor, *args, **kwargs):
         votes.append(step)
         return real_all_reduce(tensor, *args, **kwargs)
 
