@@ -16,6 +16,7 @@ import time
 from launcher.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, LaunchError, UserError
 from launcher.executors.request import LaunchOptions
 from launcher.interrupts import LAUNCH_SIGNALS, Preempted
+from launcher.rundir import RunDir
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
@@ -220,7 +221,7 @@ def _launch_holding_the_lock(session, options: LaunchOptions, started: float) ->
     if step is not None:
         print(f"preempted: checkpoint written at step {step}; run the same command to resume", file=sys.stderr)
         return EXIT_PREEMPTED
-    summary = session.run_dir / "summary.json"
+    summary = RunDir(session.run_dir).summary
     if summary.is_file() and summary.stat().st_mtime >= started:
         phases = json.loads(summary.read_text()).get("startup_s")
         if phases:

@@ -16,17 +16,19 @@ from launcher.atomic import atomic_target
 from launcher.checkpoint import find_latest, load_model_weights
 from launcher.components import model_factory
 from launcher.errors import UserError
+from launcher.rundir import RunDir
 from launcher.spec import JobSpec, spec_from_json_file
 
 
 def load_run_model(run_dir: Path) -> tuple[JobSpec, nn.Module, Path]:
     """(spec, fp32 model in eval mode with the newest checkpoint's weights, that checkpoint)."""
-    if not (run_dir / "spec.json").is_file():
+    files = RunDir(run_dir)
+    if not files.spec.is_file():
         raise UserError(f"{run_dir}: not a meshyard run directory (no spec.json)")
-    checkpoint = find_latest(run_dir / "checkpoints")
+    checkpoint = find_latest(files.checkpoints)
     if checkpoint is None:
         raise UserError(f"{run_dir}: has no complete checkpoint; train it first")
-    spec = spec_from_json_file(run_dir / "spec.json")
+    spec = spec_from_json_file(files.spec)
     model = load_model_weights(model_factory(spec.model)(), checkpoint)
     return spec, model.eval(), checkpoint
 
@@ -37,8 +39,8 @@ def export_run(run_dir: Path, out: Path | None, fmt: str = "torch") -> Path:
     which `from_pretrained` loads; other models: model.safetensors alone)."""
     _, model, _ = load_run_model(run_dir)
     if fmt == "safetensors":
-        return _export_safetensors(model, out or run_dir / "export" / "safetensors")
-    out = out or run_dir / "export" / "model.pt"
+        return _export_safetensors(model, out or RunDir(run_dir).export / "safetensors")
+    out = out or RunDir(run_dir).export / "model.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_target(out) as tmp:
         torch.save(model.state_dict(), tmp)

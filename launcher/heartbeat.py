@@ -25,8 +25,8 @@ from types import FrameType
 from typing import Any
 
 from launcher.atomic import write_text_atomic
+from launcher.rundir import RunDir
 
-HEARTBEAT_DIR = "heartbeats"
 INTERVAL_S = 1.0
 FROZEN_AFTER_S = 5.0  # a rank whose beats lag the others' by this much has stopped running
 # Frames inside these files mean "waiting for other ranks", not "stuck in this rank's own code".
@@ -36,7 +36,7 @@ COMMUNICATION_PATHS = ("torch/distributed/", "torch/nn/parallel/", "torch/autogr
 
 class Heartbeat:
     def __init__(self, run_dir: Path, rank: int) -> None:
-        self.path = run_dir / HEARTBEAT_DIR / f"rank{rank}.json"
+        self.path = RunDir(run_dir).heartbeats / f"rank{rank}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank, self.step, self.phase = rank, 0, "setup"
         self._main = threading.main_thread().ident

@@ -9,11 +9,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from launcher.rundir import RunDir
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     records = []
@@ -30,7 +30,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int) -> None:
         self.enabled = enabled
-        self.path = run_dir / METRICS_FILE
+        self.path = RunDir(run_dir).metrics
         self.bar = None
         self._unwritten: list[str] = []  # records a failed write (disk full) left in memory, oldest first
         if not enabled:

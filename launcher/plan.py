@@ -5,6 +5,7 @@ what was chosen and why.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -65,6 +66,19 @@ class Plan:
             lines.append(f"deepspeed config {json.dumps(self.deepspeed_config, sort_keys=True)}")
         lines += [f"inferred         {note}" for note in self.inferred]
         return "\n".join(lines)
+
+
+def plan_to_json(plan: Plan) -> str:
+    return json.dumps(dataclasses.asdict(plan), indent=1)
+
+
+def plan_from_json(text: str) -> Plan:
+    """The Plan `plan_to_json` wrote (tuples come back from JSON lists)."""
+    fields = json.loads(text)
+    layout = fields.pop("layout")
+    if layout is not None:
+        layout = MeshLayout(**{**layout, "split_points": tuple(layout["split_points"])})
+    return Plan(**{**fields, "layout": layout, "inferred": tuple(fields["inferred"])})
 
 
 def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:

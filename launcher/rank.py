@@ -8,13 +8,13 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from launcher.heartbeat import Heartbeat
 from launcher.imports import ensure_cwd_importable
 from launcher.interrupts import PreemptionFlag
-from launcher.plan import make_plan
+from launcher.plan import plan_from_json
+from launcher.rundir import RunDir
 from launcher.spec import spec_from_json_file
 from launcher.startup import StartupClock
 from launcher.trainer import CheckpointExchange, RankInfo, train
@@ -56,7 +56,7 @@ def run_rank(spec_path: Path, clock: StartupClock, exchange: CheckpointExchange 
     """
     ensure_cwd_importable()
     spec = spec_from_json_file(spec_path)
-    plan = make_plan(spec, cuda_available=torch.cuda.is_available())
+    plan = plan_from_json(RunDir(spec_path.parent).plan.read_text())  # the launcher's, as `meshyard plan` printed it
     ranks = rank_info_from_env()
     if ranks.world_size != plan.world_size:
         # Some launchers silently start one process, or several independent ones: refuse to train.

@@ -8,10 +8,9 @@ from pathlib import Path
 from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
-from launcher.plan import Plan, check_model_layout, make_plan
+from launcher.plan import Plan, check_model_layout, make_plan, plan_to_json
+from launcher.rundir import RunDir
 from launcher.spec import JobSpec, load_spec
-
-SPEC_FILE = "spec.json"
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,7 @@ class Session:
 
     @property
     def spec_path(self) -> Path:
-        return self.run_dir / SPEC_FILE
+        return RunDir(self.run_dir).spec
 
     @property
     def job(self) -> Job:
@@ -52,7 +51,7 @@ class Session:
         from launcher.checkpoint import find_latest, is_complete
 
         resume = self.spec.checkpoint.resume
-        latest = find_latest(self.run_dir / "checkpoints")
+        latest = find_latest(RunDir(self.run_dir).checkpoints)
         if resume == "never":
             if latest is not None:
                 raise UserError(
@@ -70,17 +69,17 @@ class Session:
 
     def preempted_step(self, since: float) -> int | None:
         """The step a preempted launch checkpointed at, if this launch (started at `since`) was preempted."""
-        from launcher.trainer import PREEMPTED_FILE
-
-        marker = self.run_dir / PREEMPTED_FILE
+        marker = RunDir(self.run_dir).preempted
         if marker.is_file() and marker.stat().st_mtime >= since:
             return int(json.loads(marker.read_text())["step"])
         return None
 
     def write_spec(self) -> None:
-        """The resolved spec every rank reads (the launchers of a multi-node job all write it at once)."""
+        """The resolved spec and the plan every rank reads: ranks run the plan the user saw instead of
+        planning again (the launchers of a multi-node job all write them at once)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.spec_path, json.dumps(self.spec.model_dump(mode="json", by_alias=True), indent=1))
+        write_text_atomic(RunDir(self.run_dir).plan, plan_to_json(self.plan))
 
 
 def prepare(spec_file: str, overrides: list[str]) -> Session:

@@ -28,13 +28,11 @@ from launcher.metrics import MetricsLogger, read_metrics
 from launcher.optim import build_scheduler, optimizer_factory
 from launcher.plan import Plan
 from launcher.rng import capture_rng, restore_rng, seed_all
+from launcher.rundir import RunDir
 from launcher.sampler import BatchLayout, StepBatchSampler
 from launcher.spec.schema import JobSpec
 from launcher.startup import StartupClock
 from strategies import Strategy, build_strategy
-
-SUMMARY_FILE = "summary.json"
-PREEMPTED_FILE = "preempted.json"
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     train_set, eval_set = build_datasets(spec.data)
     clock.mark("data_build")
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", spec.checkpoint.keep, ranks.rank, ranks.world_size,
+    files = RunDir(run_dir)
+    checkpointer = Checkpointer(files.checkpoints, spec.checkpoint.keep, ranks.rank, ranks.world_size,
                                 _barrier, strategy, async_save=spec.checkpoint.async_save,
                                 on_published=exchange.published)
     checkpointer.remove_partials()
@@ -160,7 +159,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
                 record.update(evaluate())
             logger.log(record)
             elapsed, timed_steps = 0.0, 0
-        if (training.checkpoint_every and step % training.checkpoint_every == 0) or step == end_step or verdict.preempt:
+        if checkpoint_due(spec, step, end_step) or verdict.preempt:
             heartbeat.update(step, "checkpoint")
             checkpointer.save(step, _rank_state(step, scheduler, compression))
         if verdict.preempt:
@@ -179,17 +178,26 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         "eval_accuracy": record.get("eval_accuracy"), "eval_perplexity": record.get("eval_perplexity"),
         "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size,
         "wall_s": time.perf_counter() - started, "startup_s": clock.phases,
-        "checkpoint": str(find_latest(run_dir / "checkpoints")),
+        "checkpoint": str(find_latest(files.checkpoints)),
         **compression.finish(run_dir, ranks.rank),
     }
     if strategy.is_logging_rank:
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        files.summary.write_text(json.dumps(summary, indent=1))
         if (line := compression.describe(summary)) is not None:
             logger.say(line)
         if preempted:
-            (run_dir / PREEMPTED_FILE).write_text(json.dumps({"step": step, "checkpoint": summary["checkpoint"]}))
+            files.preempted.write_text(json.dumps({"step": step, "checkpoint": summary["checkpoint"]}))
     strategy.close()
     return summary
+
+
+def checkpoint_due(spec: JobSpec, step: int, end_step: int) -> bool:
+    """Every `checkpoint_every` steps, and where a launch ends: always at stop_at_step (a later launch
+    resumes there), at max_steps unless `checkpoint.final: false`."""
+    every = spec.training.checkpoint_every
+    if every and step % every == 0:
+        return True
+    return step == end_step and (spec.checkpoint.final or end_step != spec.training.max_steps)
 
 
 def _memory(strategy: Strategy) -> dict[str, int]:
@@ -227,7 +235,7 @@ def resume_path(spec: JobSpec, run_dir: Path, restored: Path | None, attempt: in
         return None
     if resume != "auto":
         return Path(resume)
-    latest = find_latest(run_dir / "checkpoints")
+    latest = find_latest(RunDir(run_dir).checkpoints)
     if restored is None or (latest is not None and read_manifest(latest)["step"] > read_manifest(restored)["step"]):
         return latest
     return restored

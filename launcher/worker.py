@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m launcher.worker RUN_DIR/spec.json [node=R]")
     spec_path = Path(args[0])
     preemption = PreemptionFlag().install()
+    _name_the_error_file()
     heartbeat = Heartbeat(spec_path.parent, int(os.environ.get("RANK", 0))).start()
     try:
         from torch.distributed.elastic.multiprocessing.errors import record
@@ -39,6 +40,18 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat.stop()
     if int(os.environ.get("RANK", 0)) == 0:
         print(format_summary(cast(dict, summary)), flush=True)  # record() is typed as maybe returning None
+
+
+GLOBAL_RANK_FILE = "global_rank"
+
+
+def _name_the_error_file() -> None:
+    """torchrun files a rank's error under its LOCAL rank (<log-dir>/.../attempt_N/<local_rank>/
+    error.json); on several nodes that number repeats. The global rank goes next to it."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        Path(error_file).parent.mkdir(parents=True, exist_ok=True)
+        (Path(error_file).parent / GLOBAL_RANK_FILE).write_text(os.environ.get("RANK", "0"))
 
 
 if __name__ == "__main__":

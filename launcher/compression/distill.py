@@ -16,6 +16,7 @@ from torch import nn
 from launcher.checkpoint import check_loadable, find_latest, is_complete, load_model_weights
 from launcher.components import model_factory
 from launcher.errors import UserError
+from launcher.rundir import RunDir
 from launcher.spec.schema import ComponentSpec, DistillSpec, TeacherSpec
 
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,7 +29,7 @@ def teacher_checkpoint(spec: TeacherSpec) -> Path | None:
     if spec.checkpoint is None:
         return None
     path = Path(spec.checkpoint)
-    found = path if is_complete(path) else find_latest(path / "checkpoints")
+    found = path if is_complete(path) else find_latest(RunDir(path).checkpoints)
     if found is None:
         raise UserError(f"compression.distill.teacher.checkpoint={spec.checkpoint}: no complete checkpoint there"
                         " (give a meshyard run directory or one of its checkpoints/step_* directories)")
@@ -43,8 +44,7 @@ def teacher_component(spec: TeacherSpec, checkpoint: Path | None) -> ComponentSp
     from launcher.spec import spec_from_json_file
 
     assert checkpoint is not None  # TeacherSpec: a target, a checkpoint or both
-    run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_*
-    return spec_from_json_file(run_dir / "spec.json").model
+    return spec_from_json_file(RunDir.of_checkpoint(checkpoint).spec).model
 
 
 def build_teacher(spec: TeacherSpec, device: torch.device) -> nn.Module:

@@ -10,6 +10,7 @@ import torch
 
 from launcher.compression.distill import DistillationLoss, TeacherAnnotator, build_teacher
 from launcher.compression.prune import Pruner
+from launcher.rundir import RunDir
 from launcher.spec.schema import CompressionSpec
 from strategies import Strategy
 
@@ -72,5 +73,5 @@ class Compression:
             return {}
         report = {"sparsity": self.pruner.sparsity(), "mask_digest": self.pruner.mask_digest(),
                   "dense_eval": self.dense_eval}
-        (run_dir / f"prune_rank{rank}.json").write_text(json.dumps(report, indent=1))
+        RunDir(run_dir).prune_report(rank).write_text(json.dumps(report, indent=1))
         return {"pruning": report}

@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 from launcher.components import build_datasets, build_loss, correct_predictions, model_factory
 from launcher.errors import UserError
 from launcher.export import load_run_model
+from launcher.rundir import RunDir
 from launcher.spec import spec_from_json_file
 
 METHODS = ("dynamic_int8", "static_int8")
-OUT_DIR = "quantized"
 LATENCY_REPEATS = 50
 
 
@@ -37,7 +37,8 @@ def quantize_run(run_dir: Path, method: str, calibrate: int | None) -> dict[str,
     calibration = [x for x, _ in DataLoader(train_set, batch_size=spec.data.micro_batch_size)][: calibrate or 16]
     quantized = quantize(model, method, calibration)
 
-    staging = run_dir / f".{OUT_DIR}.partial"
+    final = RunDir(run_dir).quantized
+    staging = final.with_name(f".{final.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     torch.save(model.state_dict(), staging / "model_fp32.pt")
@@ -55,7 +56,6 @@ def quantize_run(run_dir: Path, method: str, calibrate: int | None) -> dict[str,
     }
     report["size_ratio"] = report["size_bytes"]["int8"] / report["size_bytes"]["fp32"]
     (staging / "report.json").write_text(json.dumps(report, indent=1))
-    final = run_dir / OUT_DIR
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)  # the artifact appears whole or not at all
     return report
@@ -91,13 +91,14 @@ def quantize(model: nn.Module, method: str, calibration: list[torch.Tensor]) -> 
 
 def load_quantized(run_dir: Path) -> nn.Module:
     """Rebuild the quantized model from <run>/quantized in any process (no process group needed)."""
-    report = json.loads((run_dir / OUT_DIR / "report.json").read_text())
-    spec = spec_from_json_file(run_dir / "spec.json")
+    files = RunDir(run_dir)
+    report = json.loads((files.quantized / "report.json").read_text())
+    spec = spec_from_json_file(files.spec)
     train_set, _ = build_datasets(spec.data)
     sample = next(iter(DataLoader(train_set, batch_size=spec.data.micro_batch_size)))[0]
     # The structure comes from quantizing a fresh fp32 model; the values from the artifact.
     model = quantize(model_factory(spec.model)(), report["method"], [sample])
-    model.load_state_dict(torch.load(run_dir / OUT_DIR / "model_int8.pt", weights_only=True))
+    model.load_state_dict(torch.load(files.quantized / "model_int8.pt", weights_only=True))
     return model
 
 

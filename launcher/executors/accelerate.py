@@ -20,9 +20,8 @@ from launcher.errors import UserError
 from launcher.executors.local import loopback_collectives, rank_threads, worker_command
 from launcher.executors.process import run_process_tree
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
-from launcher.heartbeat import HEARTBEAT_DIR
+from launcher.rundir import RunDir
 
-CONFIG_FILE = "accelerate_config.yaml"
 # Distributed types that are a plain process starter; the others would shard or wrap the model.
 STARTERS = {"MULTI_GPU", "NO"}
 
@@ -77,7 +76,7 @@ class AccelerateExecutor:
             check_user_config(options.accelerate_config)
             config_path = str(Path(options.accelerate_config).resolve())
         else:
-            config_path = str(job.run_dir / CONFIG_FILE)
+            config_path = str(RunDir(job.run_dir).accelerate_config)
             generated[config_path] = yaml.safe_dump(generated_config(job, options.node_rank), sort_keys=False)
         worker, marker = worker_command(job, options)
         # The process counts are passed as flags too: they win over any config file.
@@ -95,14 +94,14 @@ class AccelerateExecutor:
         else:  # a free port (29500 would collide with another run), on 127.0.0.1 (torchrun's default address)
             argv += ("--main_process_port", "0")
         argv += worker
-        env = {**rank_threads(plan.threads_per_rank), "PET_LOG_DIR": str(job.run_dir / "logs"),  # torchrun's --log-dir
-               **loopback_collectives(plan.nodes)}
+        env = {**rank_threads(plan.threads_per_rank), **loopback_collectives(plan.nodes),
+               "PET_LOG_DIR": str(RunDir(job.run_dir).logs)}  # torchrun's --log-dir
         if plan.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "1"
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank",
                  config_path: "accelerate config (" + ("yours" if options.accelerate_config else "generated") + ")"}
         return LaunchRequest(executor=self.name, argv=argv, env=env, files=files, generated=generated, marker=marker,
-                             log_dir=str(job.run_dir / "logs"), heartbeat_dir=str(job.run_dir / HEARTBEAT_DIR),
+                             log_dir=str(RunDir(job.run_dir).logs), heartbeat_dir=str(RunDir(job.run_dir).heartbeats),
                              world_size=plan.world_size, hang_timeout_s=job.hang_timeout_s)
 
     def run(self, request: LaunchRequest) -> None:

@@ -16,7 +16,7 @@ import sys
 from launcher.errors import UserError
 from launcher.executors.process import run_process_tree
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
-from launcher.heartbeat import HEARTBEAT_DIR
+from launcher.rundir import RunDir
 
 LOOPBACK = "127.0.0.1"
 SHUTDOWN_TIMEOUT_S = 10  # SIGTERM -> SIGKILL of the ranks when the agent stops (default 30)
@@ -69,14 +69,15 @@ class LocalExecutor:
         argv = (
             sys.executable, "-m", "torch.distributed.run", *rendezvous_args(job, options),
             f"--nproc-per-node={job.plan.procs_per_node}", f"--max-restarts={job.max_restarts}",
-            "--monitor-interval=0.5", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", f"--log-dir={job.run_dir / 'logs'}",
+            "--monitor-interval=0.5", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
+            f"--log-dir={RunDir(job.run_dir).logs}",
             *worker,
         )
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank"}
         return LaunchRequest(executor=self.name, argv=argv, files=files,
                              env={**rank_threads(job.plan.threads_per_rank), **loopback_collectives(job.plan.nodes)},
-                             marker=marker, log_dir=str(job.run_dir / "logs"),
-                             heartbeat_dir=str(job.run_dir / HEARTBEAT_DIR), world_size=job.plan.world_size,
+                             marker=marker, log_dir=str(RunDir(job.run_dir).logs),
+                             heartbeat_dir=str(RunDir(job.run_dir).heartbeats), world_size=job.plan.world_size,
                              hang_timeout_s=job.hang_timeout_s)
 
     def run(self, request: LaunchRequest) -> None:

@@ -22,6 +22,7 @@ from launcher.executors.request import LaunchRequest
 from launcher.heartbeat import HangWatch, diagnose, frozen_ranks, read_heartbeats
 from launcher.interrupts import LAUNCH_SIGNALS
 from launcher.procs import adopt_orphans, kill_launch, launch_token, stop_tree, worker_pids
+from launcher.worker import GLOBAL_RANK_FILE
 
 TRACE_LINES = 4
 POLL_S = 0.5
@@ -123,5 +124,14 @@ def collect_failures(log_dir: Path, since: float) -> dict[int, str]:
             message, stack = str(payload), []
         tail = [line for line in stack[-TRACE_LINES - 1 : -1] if line.strip()]
         headline = message.splitlines()[-1] if message else "?"
-        found.append((when, int(error_file.parent.name), "\n".join([headline] + tail)))
+        found.append((when, _global_rank(error_file), "\n".join([headline] + tail)))
     return {rank: text for _, rank, text in sorted(found)}
+
+
+def _global_rank(error_file: Path) -> int:
+    """The rank the worker wrote next to its error file (launcher/worker.py); the local rank torchrun
+    filed it under when there is none (a rank that died before it could write)."""
+    try:
+        return int((error_file.parent / GLOBAL_RANK_FILE).read_text())
+    except (OSError, ValueError):
+        return int(error_file.parent.name)

@@ -32,7 +32,7 @@ from typing import Any
 
 from launcher.errors import LaunchError
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
-from launcher.heartbeat import HEARTBEAT_DIR
+from launcher.rundir import RunDir
 
 TRAIN_LOOP = "launcher.executors.ray_rank:train_loop_per_worker"
 LOOPBACK_HOOK = "launcher.executors.ray_rank.loopback_stores"  # Ray Train rank 0's TCPStore on 127.0.0.1
@@ -60,13 +60,13 @@ class RayExecutor:
             "ScalingConfig": {"num_workers": plan.world_size, "use_gpu": plan.device == "cuda",
                               "resources_per_worker": {"CPU": 1, **({"GPU": 1} if plan.device == "cuda" else {})}},
             "TorchConfig": {"backend": plan.backend, "timeout_s": int(job.hang_timeout_s)},
-            "RunConfig": {"name": job.name, "storage_path": str(job.run_dir / "ray")},
+            "RunConfig": {"name": job.name, "storage_path": str(RunDir(job.run_dir).ray_storage)},
             "CheckpointConfig": {"num_to_keep": job.checkpoints_kept},
             "FailureConfig": {"max_failures": job.max_restarts},
         }
         return LaunchRequest(executor=self.name, settings=settings,
                              files={str(job.spec_path): "resolved job spec (JSON), read by every rank"},
-                             marker=str(job.spec_path), heartbeat_dir=str(job.run_dir / HEARTBEAT_DIR),
+                             marker=str(job.spec_path), heartbeat_dir=str(RunDir(job.run_dir).heartbeats),
                              world_size=plan.world_size, hang_timeout_s=job.hang_timeout_s)
 
     def run(self, request: LaunchRequest) -> None:

@@ -228,6 +228,10 @@ class CheckpointSpec(Section):
                     " or a checkpoint path",
     )
     keep: int = Field(default=3, gt=0, description="complete checkpoints kept; older ones pruned")
+    final: bool = Field(
+        default=True, description="write a checkpoint at max_steps (export, quantize and teachers read the newest);"
+                                  " stop_at_step and preemption always write one"
+    )
     async_save: bool = Field(
         default=False, alias="async",
         description="write shards in the background (DCP async_save) while training goes on"

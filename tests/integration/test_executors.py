@@ -310,3 +310,17 @@ def is_loopback_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
     mapped = getattr(ip, "ipv4_mapped", None)
     return (mapped or ip).is_loopback
+
+
+def test_a_failure_on_a_two_node_job_is_named_by_its_global_rank(tmp_path):
+    """Each node's torchrun files errors under local ranks 0 and 1; the report must say rank 3."""
+    model = {"target": "tests.fixtures.faulty:model_failing_on_rank",
+             "kwargs": {"fail_rank": 3, "in_dim": 8, "hidden": 16, "out_dim": 1}}
+    spec = make_spec(tmp_path, "twonode_fail", model=model, strategy={"name": "ddp"},
+                     resources={"procs_per_node": 2}, data={"micro_batch_size": 4}, training={"max_steps": 4})
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [start_launch(spec, args=("--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint))
+             for r in (0, 1)]
+    results = finish_all(nodes, timeout=180)
+    first = [line for _out, err in results for line in err.splitlines() if "(first to fail)" in line]
+    assert first and all(line.startswith("  rank 3 (first to fail): ") for line in first), results

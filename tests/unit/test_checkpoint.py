@@ -8,7 +8,7 @@ import torch
 from launcher.checkpoint import Checkpointer, find_latest
 from launcher.spec import load_spec
 from launcher.trainer import resume_path
-from tests.helpers import make_spec
+from tests.helpers import make_spec, train_in_process
 
 
 class StateHolder:
@@ -84,3 +84,14 @@ def test_resume_takes_the_newer_of_the_orchestrators_checkpoint_and_the_run_dire
     assert resume_path(never, run_dir, from_ray) == newer
     given = load_spec(make_spec(tmp_path, checkpoint={"resume": str(from_ray)}))
     assert resume_path(given, run_dir, None) == from_ray and resume_path(given, run_dir, None, attempt=1) == newer
+
+
+def test_checkpoint_final_false_writes_only_the_interval_checkpoints(tmp_path):
+    """67 small runs took 761 MB of final checkpoints: `final: false` leaves only checkpoint_every's."""
+    spec = make_spec(tmp_path, "nofinal", training={"max_steps": 10, "checkpoint_every": 4},
+                     checkpoint={"final": False})
+    run = train_in_process(spec)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000008"]
+    stopped = train_in_process(make_spec(tmp_path, "stopped", training={"max_steps": 10, "checkpoint_every": 4},
+                                         checkpoint={"final": False}), "training.stop_at_step=6")
+    assert (stopped / "checkpoints" / "step_00000006").is_dir()  # a stop is always resumable

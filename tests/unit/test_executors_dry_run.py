@@ -104,7 +104,7 @@ def test_launchers_of_one_multi_node_job_write_the_shared_spec_at_once(tmp_path)
         writer.join(timeout=60)
     assert [writer.exitcode for writer in writers] == [0, 0]
     assert json.loads(session.spec_path.read_text())["name"] == "test"
-    assert [p.name for p in session.run_dir.iterdir()] == ["spec.json"]
+    assert sorted(p.name for p in session.run_dir.iterdir()) == ["plan.json", "spec.json"]  # no temp left
 
 
 def _write_spec_repeatedly(session) -> None:

@@ -51,3 +51,17 @@ def test_cuda_when_present_uses_nccl():
 def test_cuda_requested_without_cuda_is_a_plan_error():
     with pytest.raises(PlanError, match="resources.device=cuda but no CUDA device is visible"):
         make_plan(spec_with(resources={"device": "cuda"}))
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"resources": {"procs_per_node": 4}, "parallel": {"pipeline": 2, "tensor": 2, "microbatches": 4},
+     "model": {"target": "launcher.models:transformer"}},
+    {"resources": {"procs_per_node": 2}, "strategy": {"name": "deepspeed", "stage": 2}},
+], ids=["single", "mesh", "deepspeed"])
+def test_the_plan_ranks_read_is_the_plan_the_launcher_made(sections):
+    """Ranks run plan.json (launcher/rank.py), not a plan of their own: it must round-trip whole."""
+    from launcher.plan import plan_from_json, plan_to_json
+
+    plan = make_plan(spec_with(**sections))
+    assert plan_from_json(plan_to_json(plan)) == plan
