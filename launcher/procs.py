@@ -2,18 +2,19 @@
 
 A process belongs to a launch when it carries the launch's random token in its environment
 (MESHYARD_LAUNCH_TOKEN, set by `meshyard launch` before anything starts and inherited by torchrun's
-ranks, Accelerate's and Ray's processes) AND descends from the launcher (parent PIDs from
-/proc/<pid>/stat; while a launch runs the launcher is a child subreaper, so a rank orphaned by its
+ranks, Accelerate's and Ray's processes) AND descends from the launcher (parent PIDs and
+environments through psutil; while a launch runs the launcher is a child subreaper, so a rank orphaned by its
 agent is re-parented to the launcher and still counts as its descendant). Command lines are never
 used: a user's `tail -f runs/x/spec.json` names the run but is not ours. torch's elastic agent
 starts every rank in a session of its own, so sessions and process groups do not find them either.
 
 The agent itself runs in a fork of the launcher (launcher/executors/forked.py) that never execs, so
-its /proc environment does not show the token: it is known by its PID (the launcher's child).
+its exec'd environment does not show the token: it is known by its PID (the launcher's child).
 
-Linux only: everything here reads /proc. Where there is no /proc the finders return nothing, so the
-launcher still stops the process group it started, but a straggler outside that group is neither
-found nor signalled (and nothing else is ever touched).
+Finding processes works wherever psutil reads other processes' environments (Linux; macOS for the
+user's own). The kernel helpers below are Linux only (prctl: a child subreaper, parent-death
+signals); elsewhere they do nothing, so a rank orphaned by a dead agent is re-parented to init and
+no longer found as the launcher's descendant.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+import psutil
+
 LAUNCH_TOKEN_ENV = "MESHYARD_LAUNCH_TOKEN"
-PROC = Path("/proc")
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -54,23 +56,12 @@ def launch_token() -> str:
 
 
 def parents() -> dict[int, int]:
-    """pid -> parent pid of every process (empty without /proc)."""
+    """pid -> parent pid of every process we can see."""
     found = {}
-    try:
-        entries = list(PROC.iterdir())
-    except OSError:
-        return {}
-    for entry in entries:
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1:
-            found[int(entry.name)] = int(fields[1])
+    for process in psutil.process_iter(["pid", "ppid"]):
+        ppid = process.info.get("ppid")
+        if ppid is not None:
+            found[process.info["pid"]] = ppid
     return found
 
 
@@ -90,13 +81,12 @@ def descendants(root: int, tree: dict[int, int] | None = None) -> set[int]:
     return found
 
 
-def environ(pid: int) -> dict[bytes, bytes] | None:
+def environ(pid: int) -> dict[str, str] | None:
     """A process's environment as it was exec'd (None when unreadable: gone, a zombie, not ours)."""
     try:
-        raw = (PROC / str(pid) / "environ").read_bytes()
-    except OSError:
+        return psutil.Process(pid).environ()
+    except (psutil.Error, OSError):
         return None
-    return dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
 
 
 def launch_processes(launch: str, root: int | None = None) -> list[int]:
@@ -105,13 +95,13 @@ def launch_processes(launch: str, root: int | None = None) -> list[int]:
     `launch` is a token, or (for tests and tools outside the launcher) a run's spec.json or run
     directory, whose lock files name the token of the launches that held them.
     """
-    tokens = {token.encode() for token in _tokens(launch)}
+    tokens = set(_tokens(launch))
     if not tokens:
         return []
     tree = parents()
     candidates = descendants(root, tree) if root is not None else set(tree)
     candidates.discard(os.getpid())
-    return sorted(pid for pid in candidates if (environ(pid) or {}).get(LAUNCH_TOKEN_ENV.encode()) in tokens)
+    return sorted(pid for pid in candidates if (environ(pid) or {}).get(LAUNCH_TOKEN_ENV) in tokens)
 
 
 # The name earlier callers (tests) use; the argument is a token or a run's spec path, never a command-line substring.
@@ -129,12 +119,12 @@ def worker_pids(launch: str, root: int | None = None) -> dict[int, int]:
     ranks = {}
     for pid in pids:
         env = environ(pid) or {}
-        if b"RANK" not in env or b"LOCAL_RANK" not in env:
+        if "RANK" not in env or "LOCAL_RANK" not in env:
             continue
         parent_env = environ(tree.get(pid, 0)) or {}
-        if parent_env.get(b"RANK") == env[b"RANK"]:
+        if parent_env.get("RANK") == env["RANK"]:
             continue
-        ranks[int(env[b"RANK"])] = pid
+        ranks[int(env["RANK"])] = pid
     return ranks
 
 
