@@ -67,6 +67,20 @@ def test_a_restart_resumes_from_the_newest_checkpoint_even_with_resume_never(tmp
     assert_same_as_reference(run, spec, reference)
 
 
+@pytest.mark.parametrize("how,executor", [("segfault", "local"), ("exception", "local"), ("exception", "accelerate")])
+def test_a_rank_that_crashes_is_restarted_and_recovers_bit_exact(tmp_path, reference, how, executor):
+    """Rank 1 dies at its 72nd item (step 6; 12 items per rank and step), on the first attempt only:
+    torchrun (`accelerate launch --max_restarts`) restarts the group, which resumes from step 4."""
+    kwargs = {**SLOW["data"]["kwargs"], "crash": how, "crash_rank": 1, "crash_at_call": 72}
+    spec = make_spec(tmp_path, how, **{**SLOW, "data": {**SLOW["data"], "kwargs": kwargs}})
+    run = run_dir(spec)
+    result = meshyard("launch", str(spec), "--executor", executor)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the first attempt wrote no checkpoint beyond step 4: this line is the restarted group's
+    assert f"resumed from {run / 'checkpoints' / 'step_00000004'} at step 4" in result.stdout
+    assert_same_as_reference(run, spec, reference)
+
+
 @pytest.mark.parametrize("trial", range(5))
 def test_sigkill_of_a_random_rank_recovers_bit_exact(tmp_path, reference, trial):
     result = kill_random_rank_trial(tmp_path, trial, reference)
