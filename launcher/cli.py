@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="post-training int8 quantization of a run's newest checkpoint; writes RUN/quantized/"
                     " (model_fp32.pt, model_int8.pt, report.json: size, eval metric, CPU latency before/after)")
     quantize.add_argument("run", help="a run directory (<output.dir>/<name>)")
-    quantize.add_argument("--method", default="dynamic_int8", help="dynamic_int8 (default) or static_int8")
+    quantize.add_argument("--method", default="dynamic_int8",
+                          help="dynamic_int8 (default) or weight_only_int8 (torchao), or static_int8 (torch.ao)")
     quantize.add_argument("--calibrate", type=int, default=None, metavar="N",
                           help="static_int8 only: calibrate on N training batches (default 16)")
     return parser

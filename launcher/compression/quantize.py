@@ -1,8 +1,12 @@
 """Post-training int8 quantization of a finished run (`meshyard quantize RUN`), with a report.
 
-Uses torch.ao.quantization: dynamic int8 for nn.Linear (weights int8, activations quantized on the
-fly), or static int8 through FX graph mode with calibration batches. The artifact is a state dict
-(loadable with weights_only=True); `load_quantized` rebuilds the structure from the run's spec.
+- `dynamic_int8` (int8 weights, activations quantized on the fly) and `weight_only_int8` (int8
+  weights, fp32 compute) go through torchao (`quantize_` with its int8 configs; the `quant` extra),
+  the successor of torch.ao.quantization, whose removal torch 2.13 announces. The artifact is a
+  state dict of torchao's int8 tensors, loadable with weights_only=True; `load_quantized` loads it
+  into a fresh fp32 model of the run's spec (`assign=True` swaps in the int8 tensors).
+- `static_int8` (calibrated activation ranges) has no CPU equivalent in torchao 0.18, so it stays
+  on torch.ao's FX graph mode, isolated in `_static_int8_torch_ao`, until torch removes it.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from launcher.export import load_run_model
 from launcher.rundir import RunDir
 from launcher.spec import spec_from_json_file
 
-METHODS = ("dynamic_int8", "static_int8")
+METHODS = ("dynamic_int8", "weight_only_int8", "static_int8")
+TORCHAO_METHODS = ("dynamic_int8", "weight_only_int8")
 LATENCY_REPEATS = 50
 
 
@@ -71,11 +76,40 @@ def _check_method(method: str, calibrate: int | None) -> None:
 def quantize(model: nn.Module, method: str, calibration: list[torch.Tensor]) -> nn.Module:
     import copy
 
-    from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
-
     model = copy.deepcopy(model).eval()
-    if method == "dynamic_int8":
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    if method in TORCHAO_METHODS:
+        quantize_, configs = _torchao()
+        quantize_(model, configs[method]())
+        return model
+    return _static_int8_torch_ao(model, calibration)
+
+
+def _torchao() -> tuple[Any, dict[str, Any]]:
+    """torchao's quantize_ and its int8 configs, imported quietly: on a CPU-only machine it logs a
+    warning for each CUDA kernel library it cannot load."""
+    import logging
+    import warnings
+
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise UserError("dynamic_int8 and weight_only_int8 use torchao: pip install 'meshyard[quant]'") from None
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+    return quantize_, {"dynamic_int8": Int8DynamicActivationInt8WeightConfig,
+                       "weight_only_int8": Int8WeightOnlyConfig}
+
+
+def _static_int8_torch_ao(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
+    """The deprecated torch.ao.quantization path (FX graph mode), kept for static int8 only."""
+    from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     try:
@@ -94,11 +128,17 @@ def load_quantized(run_dir: Path) -> nn.Module:
     files = RunDir(run_dir)
     report = json.loads((files.quantized / "report.json").read_text())
     spec = spec_from_json_file(files.spec)
+    artifact = files.quantized / "model_int8.pt"
+    if report["method"] in TORCHAO_METHODS:
+        _torchao()  # registers torchao's int8 tensor types with weights_only loading
+        model = model_factory(spec.model)().eval()
+        model.load_state_dict(torch.load(artifact, weights_only=True), assign=True)  # int8 tensors replace fp32
+        return model
+    # The structure comes from quantizing a fresh fp32 model; the values from the artifact.
     train_set, _ = build_datasets(spec.data)
     sample = next(iter(DataLoader(train_set, batch_size=spec.data.micro_batch_size)))[0]
-    # The structure comes from quantizing a fresh fp32 model; the values from the artifact.
     model = quantize(model_factory(spec.model)(), report["method"], [sample])
-    model.load_state_dict(torch.load(files.quantized / "model_int8.pt", weights_only=True))
+    model.load_state_dict(torch.load(artifact, weights_only=True))
     return model
 
 

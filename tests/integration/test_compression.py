@@ -70,14 +70,16 @@ def test_distillation_runs_under_zero_3(tmp_path):
     assert_runs_match(one, sharded, 1e-5)
 
 
-def test_dynamic_int8_is_small_accurate_and_loads_in_a_fresh_process(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["dynamic_int8", "weight_only_int8"])
+def test_torchao_int8_is_small_accurate_and_loads_in_a_fresh_process(tmp_path, capsys, method):
     spec = make_spec(tmp_path, "dense", **{
         **CLASSIFIER, "training": {"max_steps": 60, "log_every": 20},
         "model": LINEAR_HEAVY})
     run = train_in_process(spec)
-    assert main(["quantize", str(run), "--method", "dynamic_int8"]) == 0
+    assert main(["quantize", str(run), "--method", method]) == 0
     report = json.loads((run / "quantized" / "report.json").read_text())
     assert report["size_ratio"] < 0.35
+    assert report["eval"]["fp32"]["accuracy"] > 0.5  # a model that learned
     assert abs(report["eval"]["int8"]["accuracy"] - report["eval"]["fp32"]["accuracy"]) <= 0.02  # stated tolerance
     fresh = subprocess.run(
         [sys.executable, "-c",
