@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--image", default=None, help="rayjob: container image with meshyard installed")
     commands.add_parser("schema", help="print the job spec's JSON Schema",
                         description="print the job spec's JSON Schema")
+    env = commands.add_parser("env", help="versions, devices, backends, cores, memory and run-relevant"
+                                          " environment variables, for bug reports",
+                              description="print what a bug report needs about this machine (like `accelerate env`)")
+    env.add_argument("--json", action="store_true", help="as JSON, for scripts")
     export = commands.add_parser(
         "export", help="write a run's newest checkpoint as one consolidated state dict",
         description="write a run's newest (possibly sharded) checkpoint as one consolidated state dict"
@@ -153,6 +157,14 @@ def describe_os_error(exc: OSError) -> str:
     paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
     reason = exc.strerror or str(exc)
     return f"{paths}: {reason}" if paths else reason
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from launcher.environment import collect, render
+
+    info = collect()
+    print(json.dumps(info, indent=1) if args.json else render(info))
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -313,6 +325,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"render": cmd_render, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export, "schema": cmd_schema,
+            "env": cmd_env,
             "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch, "quantize": cmd_quantize}
 
 
