@@ -227,8 +227,8 @@ def _launch_holding_the_lock(session, options: LaunchOptions, started: float) ->
         if not LAUNCH_SIGNALS.terminated:
             raise
         # preempted while starting: ranks that had not taken the signal yet died of it
-        print("preempted: the job stopped before a checkpoint of this launch; run the same command to resume",
-              file=sys.stderr)
+        print("preempted: the job stopped before a checkpoint for the signal; run the same command to resume"
+              " from its newest checkpoint", file=sys.stderr)
         return EXIT_PREEMPTED
     step = session.preempted_step(since=started)
     if step is not None:
