@@ -103,5 +103,8 @@ def format_record(r: dict[str, Any]) -> str:
     if "eval_accuracy" in r:
         parts.append(f"eval_acc {r['eval_accuracy']:.3f}")
     parts += [f"lr {r['lr']:.2e}", f"grad_norm {r['grad_norm']:.3f}",
-              f"{r['samples_per_s']:.0f} samples/s", f"{1000 * r['step_time_s']:.1f} ms/step"]
+              f"{r['samples_per_s']:.0f} samples/s"]
+    if "tokens_per_s" in r:
+        parts.append(f"{r['tokens_per_s']:.0f} tokens/s")
+    parts.append(f"{1000 * r['step_time_s']:.1f} ms/step")
     return " | ".join(parts)

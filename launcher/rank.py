@@ -84,5 +84,8 @@ def format_summary(summary: dict) -> str:
     for key in ("final_loss", "eval_loss"):
         if summary.get(key) is not None:
             parts.append(f"{key.replace('_', ' ')} {summary[key]:.5f}")
+    for key, unit in (("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s")):
+        if summary.get(key) is not None:
+            parts.append(f"{summary[key]:.0f} {unit}")
     parts.append(f"checkpoint {summary['checkpoint']}")
     return " | ".join(parts)

@@ -115,7 +115,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
 
     record: dict[str, Any] = {}
     agreement = StepAgreement(preemption)
-    elapsed, timed_steps, step, preempted = 0.0, 0, start_step, False
+    elapsed, timed_steps, timed_tokens, step, preempted = 0.0, 0, 0, start_step, False
+    throughput = Throughput(layout.global_batch_size)  # the whole launch's, for the summary
     for step in range(start_step + 1, end_step + 1):
         heartbeat.update(step - 1, "step")
         eval_due = eval_set is not None and (
@@ -124,6 +125,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         log_due = step % training.log_every == 0 or step in (start_step + 1, end_step) or eval_due
         tick = time.perf_counter()
         window = compression.prepare_window([next(batches) for _ in range(training.grad_accum_steps)])
+        step_tokens = strategy.dp_size * sum(feed.token_positions(micro_batch) for micro_batch in window)
+        timed_tokens += step_tokens
         loss = strategy.forward_backward(window)
         penalty = strategy.regularize(spec.optimizer.l1, spec.optimizer.l2)
         grad_norm = strategy.clip_grad_norm(spec.optimizer.grad_clip)  # None: the engine clips in its step
@@ -142,7 +145,9 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             grad_norm = step_norm if grad_norm is None else grad_norm
         scheduler.step()  # the schedule's clock is the step count, skipped updates included
         compression.after_step(step, evaluate if eval_set is not None else None)
-        elapsed, timed_steps = elapsed + time.perf_counter() - tick, timed_steps + 1
+        step_s = time.perf_counter() - tick
+        elapsed, timed_steps = elapsed + step_s, timed_steps + 1
+        throughput.add(step_s, step_tokens)
         logger.advance()
         if step == start_step + 1:
             clock.mark("first_step")  # from the end of data build: checkpoint restore and loader start count here
@@ -154,11 +159,13 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
                 "samples_per_s": layout.global_batch_size * timed_steps / elapsed,
                 "step_time_s": elapsed / timed_steps, **memory, "peak_rss_bytes": peak_rss_bytes(),
             }
+            if timed_tokens:  # token inputs: every data-parallel rank's micro-batches hold as many
+                record["tokens_per_s"] = timed_tokens / elapsed
             if eval_due:
                 heartbeat.update(step, "eval")
                 record.update(evaluate())
             logger.log(record)
-            elapsed, timed_steps = 0.0, 0
+            elapsed, timed_steps, timed_tokens = 0.0, 0, 0
         if checkpoint_due(spec, step, end_step) or verdict.preempt:
             heartbeat.update(step, "checkpoint")
             checkpointer.save(step, _rank_state(step, scheduler, compression))
@@ -176,7 +183,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         "name": spec.name, "steps": step, "max_steps": training.max_steps, "preempted": preempted,
         "final_loss": record.get("loss"), "eval_loss": record.get("eval_loss"),
         "eval_accuracy": record.get("eval_accuracy"), "eval_perplexity": record.get("eval_perplexity"),
-        "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size,
+        "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size, **throughput.rates(),
         "wall_s": time.perf_counter() - started, "startup_s": clock.phases,
         "checkpoint": str(find_latest(files.checkpoints)),
         **compression.finish(run_dir, ranks.rank),
@@ -198,6 +205,25 @@ def checkpoint_due(spec: JobSpec, step: int, end_step: int) -> bool:
     if every and step % every == 0:
         return True
     return step == end_step and (spec.checkpoint.final or end_step != spec.training.max_steps)
+
+
+@dataclass
+class Throughput:
+    """Samples (and token positions, for token inputs) per second over a launch's trained steps."""
+
+    global_batch_size: int
+    seconds: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+
+    def add(self, step_s: float, tokens: int) -> None:
+        self.seconds, self.steps, self.tokens = self.seconds + step_s, self.steps + 1, self.tokens + tokens
+
+    def rates(self) -> dict[str, float | None]:
+        if not self.seconds:
+            return {"samples_per_s": None, "tokens_per_s": None}
+        return {"samples_per_s": self.global_batch_size * self.steps / self.seconds,
+                "tokens_per_s": self.tokens / self.seconds if self.tokens else None}
 
 
 def _memory(strategy: Strategy) -> dict[str, int]:

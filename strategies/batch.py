@@ -98,6 +98,15 @@ class BatchFeed:
         inputs, target = batch
         return (inputs,), {}, target
 
+    def token_positions(self, batch: Any) -> int:
+        """Token positions one micro-batch feeds the model (padding included): the numel of its token
+        ids (`input_ids`, or the positional input when it holds integers); 0 for other inputs."""
+        args, kwargs, _ = self.split(batch)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex():
+            return ids.numel()
+        return 0
+
     def loss(self, output: Any, target: Target, loss_fn: LossFn) -> torch.Tensor:
         """The training objective of one micro-batch's output (fp32)."""
         if self.loss_from_model:

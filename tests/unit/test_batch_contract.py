@@ -1,6 +1,7 @@
 """The batch/output contract (strategies/batch.py), LM eval metrics and the threads each rank gets."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -75,3 +76,28 @@ def test_each_rank_gets_the_users_omp_threads_or_its_share_of_the_cores(tmp_path
 
     assert plan.threads_per_rank == max(1, (os.cpu_count() or 1) // 2)
     assert any(note.startswith("OMP_NUM_THREADS = ") for note in plan.inferred)
+
+
+def test_token_positions_count_token_ids_only():
+    ids = torch.zeros(4, 32, dtype=torch.long)
+    assert BatchFeed().token_positions((ids, ids)) == 128
+    assert BatchFeed(mode="kwargs", loss_from_model=True).token_positions({"input_ids": ids, "labels": ids}) == 128
+    assert BatchFeed().token_positions((torch.zeros(4, 8), torch.zeros(4, 1))) == 0  # features, not tokens
+
+
+def test_a_token_model_logs_tokens_per_second_next_to_samples(tmp_path, capsys):
+    from launcher.metrics import read_metrics
+    from tests.helpers import train_in_process
+
+    seq_len = 16
+    spec = make_spec(tmp_path, "lm", model={"target": "launcher.models:transformer", "kwargs": {}},
+                     data={"target": "launcher.data:char_corpus", "kwargs": {"n": 64, "seq_len": seq_len},
+                           "micro_batch_size": 8},
+                     loss="token_cross_entropy", training={"max_steps": 3, "log_every": 1})
+    run = train_in_process(spec)
+    records = read_metrics(run)
+    assert all(m["tokens_per_s"] == pytest.approx(m["samples_per_s"] * seq_len) for m in records)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tokens_per_s"] == pytest.approx(summary["samples_per_s"] * seq_len)
+    assert "tokens/s" in capsys.readouterr().out
+    assert "tokens_per_s" not in read_metrics(train_in_process(make_spec(tmp_path, "mlp")))[0]
