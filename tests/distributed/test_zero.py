@@ -27,7 +27,7 @@ def test_zero3_export_is_one_consolidated_file(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     dcp_to_torch_save(run / "checkpoints" / "step_00000010", tmp_path / "by_dcp.pt")
-    by_dcp = torch.load(tmp_path / "by_dcp.pt", weights_only=False)["model"]  # our own run's file
+    by_dcp = torch.load(tmp_path / "by_dcp.pt", weights_only=True)["model"]
     assert exported.keys() == by_dcp.keys()
     assert all(torch.equal(exported[k], by_dcp[k]) for k in exported)
     # ... and against the 1-process run.
