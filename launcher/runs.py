@@ -2,9 +2,9 @@
 
 A run's status is read from what its processes leave behind, newest launch only:
 
-- running: a launcher on this machine still holds the run's lock (its PID alive and started before
-  it took the lock, so a reused PID does not count), or, for a launcher elsewhere (another node of
-  a shared run directory), a rank's heartbeat is under LIVE_S old and the launch has not ended.
+- running: a launch holds the run's lock (launcher/runlock.py), or the launch has not ended and a
+  rank's heartbeat is under LIVE_S old (ranks whose launcher is on another machine without a
+  shared flock, or that outlived it).
 - The newest launch that started the job rewrote spec.json just before starting it, so only end
   records at least as new count: the trainer's summary.json (finished; stopped at
   training.stop_at_step; preempted, with preempted.json) and the launcher's failed.json (failed,
@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from launcher.atomic import write_text_atomic
 from launcher.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from launcher.heartbeat import read_heartbeats
 from launcher.metrics import read_metrics
 from launcher.rundir import RunDir
-from launcher.runlock import holders
+from launcher.runlock import held
 
 LIVE_S = 10.0  # a heartbeat (rewritten every second) older than this is from a process that stopped
 FAILURE_STATUS: dict[object, str] = {EXIT_PREEMPTED: "preempted", EXIT_INTERRUPTED: "interrupted"}  # else failed
@@ -80,7 +77,7 @@ def run_status(path: Path, now: float | None = None) -> RunStatus:
     if failure is not None and summary is not None and (_mtime(files.summary) or 0) > (_mtime(files.failed) or 0):
         failure = None  # both written since the launch started: the newer one says how it ended
     steps, wall_s, error = logged_step, None, None
-    if _launcher_alive(path) or (summary is None and failure is None and _beating(files.heartbeats, now)):
+    if held(path) or (summary is None and failure is None and _beating(files.heartbeats, now)):
         status, wall_s = "running", (now - started if started else None)
     elif failure is not None:
         code = failure.get("exit_code")
@@ -93,21 +90,6 @@ def run_status(path: Path, now: float | None = None) -> RunStatus:
         status = "failed"
         error = "ended without a summary (its launcher was killed?)" if started else "no spec.json"
     return RunStatus(path.name, str(path), status, steps, max_steps, final_loss, wall_s, error)
-
-
-def _launcher_alive(path: Path) -> bool:
-    """A launcher on this machine holds the run's lock (the lock files keep their last holder's record)."""
-    here = socket.gethostname()
-    for holder in holders(path):
-        if holder.get("host") != here or not isinstance(holder.get("pid"), int):
-            continue
-        try:
-            # A PID reused by a later process is not the holder: the holder started before it locked.
-            if psutil.Process(holder["pid"]).create_time() <= float(holder.get("since", 0)) + 1.0:
-                return True
-        except psutil.Error:
-            continue
-    return False
 
 
 def _beating(directory: Path, now: float) -> bool:
