@@ -1,4 +1,4 @@
-"""`meshyard` command line: launch, plan, validate, schema, submit, jobs, render, export, quantize.
+"""`meshyard` command line: launch, plan, validate, schema, submit, jobs, render, export, quantize, env, plot, runs.
 
 Exit codes: 0 done; 2 bad input (one line `error: <field or file>: <what is allowed>`); 1 a rank
 failed or the job hung (each rank's error or where it was stuck); 75 preempted by SIGTERM after a
@@ -13,12 +13,11 @@ import os
 import sys
 import time
 
-from launcher.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, LaunchError, UserError
+from launcher.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, LaunchError, UserError
 from launcher.executors.request import LaunchOptions
 from launcher.interrupts import LAUNCH_SIGNALS, Preempted
 from launcher.rundir import RunDir
 
-EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 
@@ -76,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="torch", choices=["torch", "safetensors"],
                         help="torch: one state dict file; safetensors: a directory that Hugging Face's"
                              " from_pretrained loads (config.json + model.safetensors) for HF models")
+    plot = commands.add_parser(
+        "plot", help="draw runs' loss, eval metrics, LR, throughput and memory against step into one PNG",
+        description="draw loss, eval metrics, learning rate, throughput and memory against step from each run's"
+                    " metrics.jsonl: one panel per quantity, one line per run")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (<output.dir>/<name>)")
+    plot.add_argument("--out", default=None, metavar="FILE", help="output image (default FIRST_RUN/plot.png)")
+    runs = commands.add_parser(
+        "runs", help="list the runs in a directory: status, steps, final loss, wall time",
+        description="list the runs in DIR: status (running, finished, stopped, preempted, interrupted, failed),"
+                    " steps done / max_steps, final loss and the newest launch's wall time")
+    runs.add_argument("dir", nargs="?", default="runs", metavar="DIR",
+                      help="the output.dir that holds the runs (default: runs)")
+    runs.add_argument("--json", action="store_true", help="as JSON, for scripts")
     quantize = commands.add_parser(
         "quantize", help="post-training int8 quantization of a run's newest checkpoint, with a report",
         description="post-training int8 quantization of a run's newest checkpoint; writes RUN/quantized/"
@@ -212,6 +224,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def _launch_holding_the_lock(session, options: LaunchOptions, started: float) -> int:
     from launcher.executors import get_executor
+    from launcher.runs import record_failure
     from launcher.startup import describe
 
     session.check_before_launch()
@@ -223,13 +236,25 @@ def _launch_holding_the_lock(session, options: LaunchOptions, started: float) ->
     try:
         LAUNCH_SIGNALS.raise_if_signalled()
         executor.run(request)
-    except LaunchError:
+    except LaunchError as exc:
         if not LAUNCH_SIGNALS.terminated:
+            record_failure(session.run_dir, exc.exit_code, _first_failure(exc), started)
             raise
         # preempted while starting: ranks that had not taken the signal yet died of it
+        record_failure(session.run_dir, EXIT_PREEMPTED, "preempted before a checkpoint for the signal", started)
         print("preempted: the job stopped before a checkpoint for the signal; run the same command to resume"
               " from its newest checkpoint", file=sys.stderr)
         return EXIT_PREEMPTED
+    # Whatever ends the launch early is recorded, so `meshyard runs` does not take an older summary for its end.
+    except KeyboardInterrupt:
+        record_failure(session.run_dir, EXIT_INTERRUPTED, "interrupted (Ctrl-C)", started)
+        raise
+    except Preempted:
+        record_failure(session.run_dir, EXIT_PREEMPTED, "preempted before the job started", started)
+        raise
+    except UserError as exc:
+        record_failure(session.run_dir, EXIT_USER_ERROR, str(exc), started)
+        raise
     step = session.preempted_step(since=started)
     if step is not None:
         print(f"preempted: checkpoint written at step {step}; run the same command to resume", file=sys.stderr)
@@ -241,6 +266,12 @@ def _launch_holding_the_lock(session, options: LaunchOptions, started: float) ->
             print(describe(phases))
     print(f"summary: {summary}")
     return 0
+
+
+def _first_failure(exc: LaunchError) -> str:
+    """The launch error and the first failing rank's first line: what `meshyard runs` shows."""
+    first = next(iter(exc.failures.items()), None)
+    return str(exc) if first is None else f"{exc}: rank {first[0]}: {first[1].splitlines()[0] if first[1] else ''}"
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -255,6 +286,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"eval {key}: {ev['fp32'][key]:.4f} -> {ev['int8'][key]:.4f}")
     print(f"CPU latency (median, batch {lat['batch_size']}): {lat['fp32']:.3f} -> {lat['int8']:.3f} ms")
     print(f"wrote {Path(args.run) / 'quantized'}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.plot import plot_runs
+
+    out, panels = plot_runs([Path(run) for run in args.runs], Path(args.out) if args.out else None)
+    print(f"wrote {out} ({', '.join(panels)})")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.runs import list_runs, render_json, render_table
+
+    runs = list_runs(Path(args.dir))
+    if args.json:
+        print(render_json(runs))
+    elif not runs:
+        print(f"no runs in {args.dir}")
+    else:
+        print(render_table(runs))
     return 0
 
 
@@ -325,7 +381,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"render": cmd_render, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export, "schema": cmd_schema,
-            "env": cmd_env,
+            "env": cmd_env, "plot": cmd_plot, "runs": cmd_runs,
             "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch, "quantize": cmd_quantize}
 
 

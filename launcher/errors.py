@@ -4,6 +4,7 @@ from __future__ import annotations
 EXIT_USER_ERROR = 2
 EXIT_RANK_FAILED = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written, the same command resumes
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C stopped every process of the job
 
 
 class UserError(Exception):

@@ -37,6 +37,17 @@ class RunDir:
         return self.path / "preempted.json"
 
     @property
+    def failed(self) -> Path:
+        """Written by the launcher when a launch that started the job ended without the job's own end
+        record (summary.json): a failed or hung rank, Ctrl-C, or SIGTERM before any checkpoint."""
+        return self.path / "failed.json"
+
+    @property
+    def plot(self) -> Path:
+        """`meshyard plot`'s default output."""
+        return self.path / "plot.png"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

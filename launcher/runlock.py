@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from launcher.errors import UserError
 from launcher.procs import LAUNCH_TOKEN_ENV, new_launch_token
 
@@ -77,6 +79,40 @@ def holders(run_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
+def held(run_dir: Path) -> bool:
+    """Whether a launch holds one of the run's locks now (`meshyard runs`).
+
+    The probe takes a shared lock and drops it at once. A launch starting in that instant would be
+    refused as if another one ran, so the probe is made only where the last holder may still run:
+    on another host, or a local PID alive and started before it took the lock (not a reused PID).
+    """
+    here = socket.gethostname()
+    for path in sorted(run_dir.glob(f"{LOCK_FILE}*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            holder = _read_holder(fd, wait_s=0.0)
+            if holder.get("host") == here and not _started_before(holder.get("pid"), holder.get("since")):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return False
+
+
+def _started_before(pid: Any, since: Any) -> bool:
+    try:
+        return psutil.Process(int(pid)).create_time() <= float(since) + 1.0
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
 def _acquire(path: Path) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -95,9 +131,9 @@ def _acquire(path: Path) -> int:
         os.close(fd)
 
 
-def _read_holder(fd: int) -> dict[str, Any]:
+def _read_holder(fd: int, wait_s: float = 1.0) -> dict[str, Any]:
     """The holder writes its record right after taking the lock: give it a moment."""
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + wait_s
     while True:
         with contextlib.suppress(ValueError):
             record = json.loads(os.pread(fd, 4096, 0).decode(errors="replace") or "null")

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from launcher.export import load_run_model
+from launcher.interrupts import PreemptionFlag
 from launcher.metrics import read_metrics
 from launcher.session import prepare
 from launcher.spec import load_spec
@@ -95,11 +96,12 @@ def assert_resumed(run: Path, before: list[dict[str, Any]], from_step: int) -> N
     assert [m["step"] for m in after[len(kept):]] == list(range(kept[-1]["step"] + 1, after[-1]["step"] + 1))
 
 
-def train_in_process(spec_path: Path, *overrides: str) -> Path:
-    """A 1-process reference run, in this process (no torchrun, no process group)."""
+def train_in_process(spec_path: Path, *overrides: str, preemption: PreemptionFlag | None = None) -> Path:
+    """A 1-process reference run, in this process (no torchrun, no process group). A `preemption`
+    flag already requested stops it as SIGTERM would: at the next vote, with a checkpoint."""
     session = prepare(str(spec_path), list(overrides))
     session.write_spec()  # like a launch, so the run directory is complete (quantize, teachers read it)
-    train(session.spec, session.plan, session.run_dir)
+    train(session.spec, session.plan, session.run_dir, preemption=preemption)
     return session.run_dir
 
 
