@@ -16,7 +16,7 @@ from launcher.deepspeed_config import deepspeed_config
 from launcher.errors import PlanError
 from launcher.memory import theory_bytes_per_param
 from launcher.spec.schema import JobSpec, ParallelSpec
-from launcher.trackers import check_trackers_installed
+from launcher.trackers import check_trackers_installed, tracker_defaults
 from strategies.layers import find_layers
 from strategies.layout import MeshLayout, stage_block_ranges
 from strategies.model_init import INIT_HOOK
@@ -152,6 +152,7 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         )
 
     check_trackers_installed(spec.observe)
+    inferred += tracker_defaults(spec.observe)
     _check_profile(spec, world)
     threads = _threads_per_rank(res.procs_per_node, inferred)
     micro, accum = spec.data.micro_batch_size, spec.training.grad_accum_steps

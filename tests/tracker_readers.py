@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from launcher.rundir import RunDir
+
 Curves = dict[str, list[tuple[int, float]]]
 
 
@@ -34,7 +36,7 @@ def read_tensorboard(run: Path) -> TensorBoardRun:
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    accumulator = EventAccumulator(str(run / "tensorboard"), size_guidance={SCALARS: 0, TENSORS: 0})
+    accumulator = EventAccumulator(str(RunDir(run).tensorboard), size_guidance={SCALARS: 0, TENSORS: 0})
     accumulator.Reload()
     tags = accumulator.Tags()
     scalars = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in tags["scalars"]}
@@ -63,7 +65,7 @@ def read_mlflow(run: Path, experiment: str = "meshyard") -> MLflowRun:
     """The experiment's runs in the run directory's default store; metrics, params and JSON artifacts of the first."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{RunDir(run).mlflow_db}")
     found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     first = found[0]
     metrics = {key: sorted((m.step, m.value) for m in client.get_metric_history(first.info.run_id, key))
@@ -87,7 +89,7 @@ def read_wandb(run: Path) -> WandbRun:
     from wandb.proto import wandb_internal_pb2
 
     found = WandbRun()
-    for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb")):
+    for path in sorted(RunDir(run).wandb.glob("offline-run-*/run-*.wandb")):
         for data in _wandb_records(path):
             record = wandb_internal_pb2.Record.FromString(data)
             kind = record.WhichOneof("record_type")

@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -88,6 +89,16 @@ def check_trackers_installed(observe: ObserveSpec) -> None:
         if missing:
             raise PlanError(f"observe.trackers: {tracker} needs {', '.join(missing)}, not installed;"
                             f" pip install 'meshyard[{tracker}]' (with constraints.txt), or drop {tracker}")
+
+
+def tracker_defaults(observe: ObserveSpec) -> list[str]:
+    """Where the named trackers write when the user did not say, for the plan's `inferred` lines."""
+    said = []
+    if "mlflow" in observe.trackers and observe.mlflow_tracking_uri is None:
+        said.append("observe.mlflow_tracking_uri = sqlite:///<run>/mlflow.db, artifacts in <run>/mlruns (null)")
+    if "wandb" in observe.trackers and "WANDB_MODE" not in os.environ:
+        said.append("W&B mode = offline, files in <run>/wandb (WANDB_MODE not set)")
+    return said
 
 
 def _importable(module: str) -> bool:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from launcher.metrics import read_metrics
+from launcher.rundir import RunDir
 from tests.helpers import launch_ok, launch_resumed, make_spec
 from tests.tracker_readers import jsonl_curves, read_mlflow, read_tensorboard, read_wandb
 
@@ -24,13 +25,13 @@ SECTIONS = {
 def test_trackers_hold_metrics_jsonl_across_a_resume_and_the_profile_holds_its_steps(tmp_path):
     spec = make_spec(tmp_path, "tracked", **SECTIONS)
     run = launch_ok(spec, "training.stop_at_step=3")
-    first_runs = json.loads((run / "trackers.json").read_text())
+    first_runs = json.loads(RunDir(run).tracker_runs.read_text())
     launch_resumed(spec, 3)
 
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, 7))
     expected = jsonl_curves(metrics)
-    assert json.loads((run / "trackers.json").read_text()) == first_runs  # the resume reopened the same runs
+    assert json.loads(RunDir(run).tracker_runs.read_text()) == first_runs  # the resume reopened the same runs
 
     tensorboard = read_tensorboard(run)
     assert tensorboard.scalars.keys() == expected.keys()
@@ -51,9 +52,9 @@ def test_trackers_hold_metrics_jsonl_across_a_resume_and_the_profile_holds_its_s
     assert wandb.config["optimizer.lr"] == 0.05 and wandb.config["plan.world_size"] == 2
     assert wandb.summary["steps"] == 6
 
-    traces = sorted(p.name for p in (run / "profile").iterdir())
-    assert traces == ["rank1.json"]
-    events = json.loads((run / "profile" / "rank1.json").read_text())["traceEvents"]
+    trace = RunDir(run).profile_trace(1)
+    assert [p.name for p in trace.parent.iterdir()] == [trace.name]  # rank 0 was not listed
+    events = json.loads(trace.read_text())["traceEvents"]
     steps = {e["name"] for e in events if e["name"].startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#2", "ProfilerStep#3"}
     assert any("Input Dims" in e.get("args", {}) for e in events)  # record_shapes

@@ -73,3 +73,14 @@ def test_bad_observe_section(tmp_path, capsys, monkeypatch, case):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and expected in err, err
+
+
+def test_the_plan_says_where_trackers_write_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    plan = make_plan(load_spec(make_spec(tmp_path, observe={"trackers": ["mlflow", "wandb"]})))
+    assert {"observe.mlflow_tracking_uri = sqlite:///<run>/mlflow.db, artifacts in <run>/mlruns (null)",
+            "W&B mode = offline, files in <run>/wandb (WANDB_MODE not set)"} <= set(plan.inferred)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    told = make_plan(load_spec(make_spec(tmp_path, observe={"trackers": ["mlflow", "wandb"],
+                                                           "mlflow_tracking_uri": "http://127.0.0.1:5000"})))
+    assert not [line for line in told.inferred if "mlflow" in line or "W&B" in line]
