@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Every pip call goes through the constraints file so torch stays the local CPU 2.13.0 wheel.
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip
-EXTRAS ?= dev,ray,accelerate,deepspeed,hf,examples,quant
+EXTRAS ?= dev,ray,accelerate,deepspeed,hf,examples,quant,observe
 SPEC ?= examples/quickstart.yaml
 RUN_ARGS ?=
 

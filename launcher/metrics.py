@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from launcher.rundir import RunDir
+
+if TYPE_CHECKING:  # launcher.trackers reads metrics.jsonl through this module
+    from launcher.trackers import Tracker
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -26,10 +30,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    """Only the logging rank writes; the others get a logger that does nothing."""
+    """Only the logging rank writes; the others get a logger that does nothing. Each record goes to
+    metrics.jsonl and to every tracker (launcher/trackers) the logging rank opened."""
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int,
+                 trackers: Sequence[Tracker] = ()) -> None:
         self.enabled = enabled
+        self.trackers = trackers
         self.path = RunDir(run_dir).metrics
         self.bar = None
         self._unwritten: list[str] = []  # records a failed write (disk full) left in memory, oldest first
@@ -57,6 +64,8 @@ class MetricsLogger:
                          " holding records in memory until it can be written")
         else:
             self._unwritten.clear()
+        for tracker in self.trackers:
+            tracker.log_record(record)
         self.say(format_record(record))
 
     def say(self, line: str) -> None:
@@ -74,6 +83,11 @@ class MetricsLogger:
         if self._unwritten:
             append_whole(self.path, "".join(self._unwritten))
             self._unwritten.clear()
+
+    def finish_trackers(self, summary: dict[str, Any]) -> None:
+        """The run summary to every tracker, which then flushes and lets its run go."""
+        for tracker in self.trackers:
+            tracker.finish(summary)
 
 
 def append_whole(path: Path, text: str) -> None:

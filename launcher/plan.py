@@ -16,6 +16,7 @@ from launcher.deepspeed_config import deepspeed_config
 from launcher.errors import PlanError
 from launcher.memory import theory_bytes_per_param
 from launcher.spec.schema import JobSpec, ParallelSpec
+from launcher.trackers import check_trackers_installed, tracker_defaults
 from strategies.layers import find_layers
 from strategies.layout import MeshLayout, stage_block_ranges
 from strategies.model_init import INIT_HOOK
@@ -150,6 +151,9 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
             f"training.stop_at_step={spec.training.stop_at_step} is past training.max_steps={spec.training.max_steps}"
         )
 
+    check_trackers_installed(spec.observe)
+    inferred += tracker_defaults(spec.observe)
+    _check_profile(spec, world)
     threads = _threads_per_rank(res.procs_per_node, inferred)
     micro, accum = spec.data.micro_batch_size, spec.training.grad_accum_steps
     return Plan(
@@ -160,6 +164,18 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         model_state_theory={} if strategy == "mesh" else theory_bytes_per_param(strategy, stage, dp, spec.optimizer),
         threads_per_rank=threads, inferred=tuple(inferred),
     )
+
+
+def _check_profile(spec: JobSpec, world: int) -> None:
+    profile = spec.observe.profile
+    if profile is None:
+        return
+    outside = [rank for rank in profile.ranks if rank >= world]
+    if outside:
+        raise PlanError(f"observe.profile.ranks: {outside} not in the world of {world} rank(s) (0..{world - 1})")
+    if profile.steps[1] > spec.training.max_steps:
+        raise PlanError(f"observe.profile.steps: step {profile.steps[1]} is past training.max_steps"
+                        f"={spec.training.max_steps}")
 
 
 def _threads_per_rank(procs_per_node: int, inferred: list[str]) -> int:

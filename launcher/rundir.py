@@ -78,6 +78,35 @@ class RunDir:
         """The generated accelerate config (accelerate executor)."""
         return self.path / "accelerate_config.yaml"
 
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (observe.trackers: tensorboard); every launch appends here."""
+        return self.path / "tensorboard"
+
+    @property
+    def mlflow_db(self) -> Path:
+        """MLflow's default tracking store (observe.trackers: mlflow, no mlflow_tracking_uri)."""
+        return self.path / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        """Artifacts (plan.json, summary.json) of MLflow runs in the default store."""
+        return self.path / "mlruns"
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's files (offline runs): wandb.init(dir=<run>) writes them here."""
+        return self.path / "wandb"
+
+    @property
+    def tracker_runs(self) -> Path:
+        """Which tracker run each tracker writes to, so a resumed launch continues it."""
+        return self.path / "trackers.json"
+
+    def profile_trace(self, rank: int) -> Path:
+        """torch.profiler's Chrome trace of this rank (observe.profile)."""
+        return self.path / "profile" / f"rank{rank}.json"
+
     def prune_report(self, rank: int) -> Path:
         return self.path / f"prune_rank{rank}.json"
 

@@ -27,11 +27,13 @@ from launcher.memory import model_state_bytes, peak_rss_bytes
 from launcher.metrics import MetricsLogger, read_metrics
 from launcher.optim import build_scheduler, optimizer_factory
 from launcher.plan import Plan
+from launcher.profiling import StepProfiler
 from launcher.rng import capture_rng, restore_rng, seed_all
 from launcher.rundir import RunDir
 from launcher.sampler import BatchLayout, StepBatchSampler
 from launcher.spec.schema import JobSpec
 from launcher.startup import StartupClock
+from launcher.trackers import open_trackers
 from strategies import Strategy, build_strategy
 
 
@@ -105,7 +107,9 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     loader = DataLoader(train_set, batch_sampler=StepBatchSampler(layout, start_step, end_step),
                         num_workers=spec.data.num_workers, collate_fn=collate)
     batches = iter(loader)
-    logger = MetricsLogger(run_dir, strategy.is_logging_rank, start_step, training.max_steps)
+    trackers = open_trackers(spec, plan, run_dir, start_step) if strategy.is_logging_rank else []
+    logger = MetricsLogger(run_dir, strategy.is_logging_rank, start_step, training.max_steps, trackers)
+    profiler = StepProfiler(spec.observe.profile, ranks.rank, files, plan.device)
     if resume_from is not None:
         logger.say(f"resumed from {resume_from} at step {start_step}")
 
@@ -119,6 +123,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     throughput = Throughput(layout.global_batch_size)  # the whole launch's, for the summary
     for step in range(start_step + 1, end_step + 1):
         heartbeat.update(step - 1, "step")
+        profiler.step_begins(step)
         eval_due = eval_set is not None and (
             (training.eval_every and step % training.eval_every == 0) or step == training.max_steps
         )
@@ -169,10 +174,12 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         if checkpoint_due(spec, step, end_step) or verdict.preempt:
             heartbeat.update(step, "checkpoint")
             checkpointer.save(step, _rank_state(step, scheduler, compression))
+        profiler.step_ends(step)
         if verdict.preempt:
             preempted = True
             break
     heartbeat.update(step, "finishing")
+    profiler.close()
     agreement.finish()
     checkpointer.wait()
     logger.close()
@@ -194,6 +201,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             logger.say(line)
         if preempted:
             files.preempted.write_text(json.dumps({"step": step, "checkpoint": summary["checkpoint"]}))
+    logger.finish_trackers(summary)
     strategy.close()
     return summary
 

@@ -297,6 +297,43 @@ class CompressionSpec(Section):
     distill: DistillSpec | None = None
 
 
+class ProfileSpec(Section):
+    """torch.profiler over a few optimizer steps: one Chrome trace per listed rank."""
+
+    steps: tuple[int, int] = Field(description="[first, last] optimizer step profiled, inclusive (steps count from 1)")
+    ranks: list[int] = Field(default_factory=lambda: [0], min_length=1, description="global ranks that profile")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProfileSpec:
+        first, last = self.steps
+        if first < 1 or last < first:
+            raise ValueError(f"steps: [{first}, {last}] must be [a, b] with 1 <= a <= b")
+        if any(rank < 0 for rank in self.ranks):
+            raise ValueError(f"ranks: {self.ranks} must be non-negative global ranks")
+        return self
+
+
+class ObserveSpec(Section):
+    """Where the run is watched besides metrics.jsonl (always written), and what is profiled."""
+
+    trackers: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers fed from rank 0's records besides metrics.jsonl"
+                                          " (jsonl: always on); each an optional extra: pip install 'meshyard[NAME]'")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, min_length=1,
+        description="MLflow's tracking URI; null = sqlite:///<run>/mlflow.db with artifacts in <run>/mlruns")
+    mlflow_experiment: str = Field(default="meshyard", min_length=1, description="MLflow experiment name")
+    profile: ProfileSpec | None = Field(
+        default=None, description="torch.profiler Chrome traces to <run>/profile/rank<N>.json; null = off")
+
+    @field_validator("trackers")
+    @classmethod
+    def _once_each(cls, trackers: list[str]) -> list[str]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"{trackers}: name each tracker once")
+        return trackers
+
+
 class JobSpec(Section):
     """A whole training job: WHAT to train. Where it runs comes from resources / the executor."""
 
@@ -319,3 +356,4 @@ class JobSpec(Section):
     checkpoint: CheckpointSpec = CheckpointSpec()
     output: OutputSpec = OutputSpec()
     compression: CompressionSpec = CompressionSpec()
+    observe: ObserveSpec = ObserveSpec()
