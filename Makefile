@@ -7,6 +7,10 @@ PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip
 EXTRAS ?= dev,ray,accelerate,deepspeed,hf,examples,quant,observe
 SPEC ?= examples/quickstart.yaml
 RUN_ARGS ?=
+# Test processes (pytest-xdist): two share the 2 cores well because most multi-process tests wait on
+# process start-up, sleeps and timeouts; a module stays on one worker (its shared launches run once).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: run test test-fast lint install clean
 
@@ -27,11 +31,11 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy launcher strategies
 
 test: install lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # lint + the unit tests only (a few minutes): no multi-process or integration tests.
 test-fast: install lint
-	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) tests/unit $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
