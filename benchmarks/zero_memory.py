@@ -46,7 +46,7 @@ SPEC: dict[str, Any] = {
     "data": {"target": "launcher.data:synthetic_regression", "kwargs": {"n": 256, "in_dim": IN_DIM, "out_dim": 1},
              "micro_batch_size": 8},
     "optimizer": {"name": "adam", "lr": 1.0e-4},
-    "training": {"max_steps": 5, "log_every": 1},
+    "training": {"max_steps": 4, "log_every": 1},
     "checkpoint": {"final": False},
 }
 CONFIGS: dict[str, dict[str, Any]] = {

@@ -31,6 +31,6 @@ def allocator_env(device: str, inferred: list[str], environ: Mapping[str, str] =
     chosen = {name: environ.get(name) or value for name, value in CPU_ALLOCATOR_ENV.items()}
     ours = [f"{name}={value}" for name, value in chosen.items() if not environ.get(name)]
     if ours:
-        inferred.append(f"{' '.join(ours)} (not set: glibc malloc returns freed buffers above 1 MiB;"
-                        " set them in the launcher's environment to override)")
+        inferred.append(f"{' '.join(ours)} (not set: CPU ranks' malloc returns freed buffers above the threshold;"
+                        " set it in the launcher's environment to override)")
     return chosen
