@@ -143,7 +143,7 @@ def main() -> None:
 def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     plt = pyplot()
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    labels = [f"{r['strategy']}\nN={r['world_size']}" for r in rows]
+    labels = [f"{r['strategy'].replace('deepspeed', 'ds')}\nN={r['world_size']}" for r in rows]
     xs = list(range(len(rows)))
     mem_ax.bar([x - 0.2 for x in xs], [r["measured_bytes"] / MIB for r in rows], 0.4, color="tab:blue",
                label="measured: peak RSS - RSS before the model (largest rank)")
@@ -157,7 +157,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     mem_ax.set_ylabel("MiB per rank")
     mem_ax.set_title(f"{NUM_PARAMS / 1e6:.1f}M-param MLP, fp32 Adam (number: measured saving vs DDP"
                      f" / theoretical saving, goal >= {GOAL})", fontsize=9)
-    mem_ax.legend(fontsize=8)
+    mem_ax.set_ylim(0, 1.25 * max(r["measured_bytes"] / MIB for r in rows))
+    mem_ax.legend(fontsize=8, loc="upper left")
     time_ax.bar(xs, [r["step_time_vs_ddp"] for r in rows], 0.6, color="tab:orange")
     time_ax.axhline(1.0, color="black", linewidth=0.8)
     time_ax.set_xticks(xs, labels, fontsize=7)
