@@ -6,8 +6,10 @@ it rises to that chunk's size (up to 32 MiB on 64-bit). After one training step,
 and reduce-scatter buffers and DDP's buckets (MiBs each) come from the heap instead, where freed
 ones stay resident and fragment it: measured on a 100M-parameter MLP at 2 ranks, ZeRO-3's peak RSS
 was above DDP's. Setting the thresholds fixes them (and turns the dynamic rise off), so buffers
-above them are returned when freed (docs/strategies.md, "Memory on CPU", has the measurements and
-the alternatives tried).
+above them are returned when freed. The price is time: each such buffer is a fresh mapping to fault
+in, and ZeRO-3 steps took 1.7-2.1x as long here; tcmalloc (LD_PRELOAD) had the memory without the
+cost but is a system library, so it is the documented override, not the default
+(docs/strategies.md, "Memory on CPU", has the measurements).
 
 The settings travel as environment variables because glibc reads them when a process starts: the
 local and Accelerate executors put them in the command's environment, Ray in its workers' runtime
