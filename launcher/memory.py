@@ -6,12 +6,19 @@ Theory per parameter (bytes, fp32 weights, N data-parallel ranks, o = optimizer 
     ZeRO-2:                   params 4, grads 4/N, optimizer o/N
     ZeRO-3:                   params 4/N, grads 4/N, optimizer o/N
 with o = 8 for adam/adamw (two moments), 4 for sgd with momentum or rmsprop (+4 with momentum).
+
+That accounting (`mem_*_bytes` in metrics) is what the strategy keeps, not what the process holds:
+the allocator, activations, collective buffers and DDP's gradient buckets come on top. The
+process's own numbers are logged beside it: `peak_rss_bytes` (the high-water mark of resident
+memory since the rank started), `rss_before_model_bytes` (resident memory just before the model
+was built: interpreter, torch, data loading code), and on CUDA the caching allocator's peaks.
 """
 from __future__ import annotations
 
 import resource
 from collections.abc import Iterable
 
+import psutil
 import torch
 
 from launcher.spec.schema import OptimizerSpec
@@ -53,3 +60,17 @@ def model_state_bytes(parameters: list[torch.nn.Parameter], optimizer_state: dic
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    """Resident memory now (the peak is `peak_rss_bytes`)."""
+    return psutil.Process().memory_info().rss
+
+
+def cuda_peak_bytes(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's high-water marks since the rank started: what tensors held
+    (`allocated`) and what the allocator kept from the driver (`reserved`); nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device)}

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.allocator import allocator_env
 from launcher.deepspeed_config import deepspeed_config
 from launcher.errors import PlanError
 from launcher.memory import theory_bytes_per_param
@@ -43,6 +44,7 @@ class Plan:
     deepspeed_config: dict[str, Any] | None = None  # the engine's config, when strategy is deepspeed
     model_state_theory: dict[str, float] = field(default_factory=dict)
     threads_per_rank: int = 1  # OMP_NUM_THREADS each rank gets
+    allocator_env: dict[str, str] = field(default_factory=dict)  # malloc settings in every rank's environment
     inferred: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:
@@ -52,6 +54,7 @@ class Plan:
             f"strategy         {self.strategy}" + (f" stage {self.zero_stage}" if self.zero_stage is not None else ""),
             f"device/backend   {self.device}/{self.backend}",
             f"threads per rank {self.threads_per_rank} (OMP_NUM_THREADS)",
+            f"allocator        {' '.join(f'{k}={v}' for k, v in self.allocator_env.items()) or 'as inherited'}",
             f"global batch     {self.global_batch_size} = micro-batch {self.micro_batch_size}"
             f" x accumulation {self.grad_accum_steps} x data-parallel {self.dp_degree}",
         ]
@@ -162,7 +165,7 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         device=device, backend=backend, micro_batch_size=micro, grad_accum_steps=accum,
         global_batch_size=micro * accum * dp, zero_stage=stage, layout=layout, deepspeed_config=ds_config,
         model_state_theory={} if strategy == "mesh" else theory_bytes_per_param(strategy, stage, dp, spec.optimizer),
-        threads_per_rank=threads, inferred=tuple(inferred),
+        threads_per_rank=threads, allocator_env=allocator_env(device, inferred), inferred=tuple(inferred),
     )
 
 

@@ -19,7 +19,8 @@ LEGEND_INCHES = 0.45  # the strip above the panels that names the runs
 DPI = 100
 BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 TITLES = {"loss": "loss", "lr": "learning rate", "samples_per_s": "samples/s", "tokens_per_s": "tokens/s",
-          "peak_rss_bytes": "peak RSS"}
+          "peak_rss_bytes": "peak RSS", "cuda_max_allocated_bytes": "CUDA peak allocated",
+          "cuda_max_reserved_bytes": "CUDA peak reserved"}
 
 
 def plot_runs(runs: list[Path], out: Path | None = None) -> tuple[Path, list[str]]:
@@ -53,7 +54,8 @@ def panel_keys(curves: list[list[dict[str, Any]]]) -> list[str]:
               if isinstance(value, (int, float)) and not isinstance(value, bool)}
     evals = sorted(k for k in logged if k.startswith("eval_"))
     model_state = sorted(k for k in logged if k.startswith("mem_") and k.endswith("_bytes"))
-    order = ["loss", *evals, "lr", "samples_per_s", "tokens_per_s", "peak_rss_bytes", *model_state]
+    order = ["loss", *evals, "lr", "samples_per_s", "tokens_per_s", "peak_rss_bytes", "cuda_max_allocated_bytes",
+             "cuda_max_reserved_bytes", *model_state]
     return [key for key in order if key in logged]
 
 

@@ -23,7 +23,7 @@ from launcher.evaluation import evaluate_split
 from launcher.guards import NonFiniteError, StepAgreement
 from launcher.heartbeat import Heartbeat
 from launcher.interrupts import PreemptionFlag
-from launcher.memory import model_state_bytes, peak_rss_bytes
+from launcher.memory import cuda_peak_bytes, current_rss_bytes, model_state_bytes, peak_rss_bytes
 from launcher.metrics import MetricsLogger, read_metrics
 from launcher.optim import build_scheduler, optimizer_factory
 from launcher.plan import Plan
@@ -80,6 +80,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
                               spec.strategy.static_graph)
     task_loss = build_loss(spec.loss)
     compression = Compression(spec.compression, device)
+    rss_before_model = current_rss_bytes()  # what the rank's peak RSS grows from because of the model
     strategy.setup(model_recipe(spec), optimizer_factory(spec.optimizer), compression.wrap_loss(task_loss))
     compression.attach(strategy)
     scheduler = build_scheduler(strategy.optimizer, spec.schedule, spec.training.max_steps)
@@ -163,6 +164,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
                 "lr": lr, "grad_norm": None if grad_norm is None else grad_norm.item(), "skipped": verdict.nonfinite,
                 "samples_per_s": layout.global_batch_size * timed_steps / elapsed,
                 "step_time_s": elapsed / timed_steps, **memory, "peak_rss_bytes": peak_rss_bytes(),
+                "rss_before_model_bytes": rss_before_model, **cuda_peak_bytes(device),
             }
             if timed_tokens:  # token inputs: every data-parallel rank's micro-batches hold as many
                 record["tokens_per_s"] = timed_tokens / elapsed
@@ -183,6 +185,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     agreement.finish()
     checkpointer.wait()
     logger.close()
+    memory_by_rank = _rss_by_rank(rss_before_model, device)
     if not record and strategy.is_logging_rank:  # resumed at the end: nothing left to train
         record = (read_metrics(run_dir) or [{}])[-1]
 
@@ -191,7 +194,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         "final_loss": record.get("loss"), "eval_loss": record.get("eval_loss"),
         "eval_accuracy": record.get("eval_accuracy"), "eval_perplexity": record.get("eval_perplexity"),
         "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size, **throughput.rates(),
-        "wall_s": time.perf_counter() - started, "startup_s": clock.phases,
+        "wall_s": time.perf_counter() - started, "startup_s": clock.phases, **memory_by_rank,
         "checkpoint": str(find_latest(files.checkpoints)),
         **compression.finish(run_dir, ranks.rank),
     }
@@ -239,6 +242,18 @@ def _memory(strategy: Strategy) -> dict[str, int]:
     parameters = list({id(p): p for part in strategy.model_parts for p in part.parameters()}.values())
     state = model_state_bytes(parameters, strategy.local_optimizer_state)
     return {f"mem_{part}_bytes": size for part, size in state.items()}
+
+
+def _rss_by_rank(rss_before_model: int, device: torch.device) -> dict[str, list[int]]:
+    """Every rank's peak RSS and its RSS before the model, for the summary: one all-gather at the end
+    (metrics.jsonl has the logging rank's only, and ZeRO-1's shards are uneven)."""
+    mine = torch.tensor([peak_rss_bytes(), rss_before_model], dtype=torch.int64, device=device)
+    gathered = [mine]
+    if dist.is_initialized():
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+    return {"peak_rss_bytes_by_rank": [int(g[0]) for g in gathered],
+            "rss_before_model_bytes_by_rank": [int(g[1]) for g in gathered]}
 
 
 def _device(plan: Plan, local_rank: int) -> torch.device:

@@ -94,7 +94,7 @@ class AccelerateExecutor:
         else:  # a free port (29500 would collide with another run), on 127.0.0.1 (torchrun's default address)
             argv += ("--main_process_port", "0")
         argv += worker
-        env = {**rank_threads(plan.threads_per_rank), **loopback_collectives(plan.nodes),
+        env = {**rank_threads(plan.threads_per_rank), **plan.allocator_env, **loopback_collectives(plan.nodes),
                "PET_LOG_DIR": str(RunDir(job.run_dir).logs)}  # torchrun's --log-dir
         if plan.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "1"

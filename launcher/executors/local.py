@@ -75,7 +75,8 @@ class LocalExecutor:
         )
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank"}
         return LaunchRequest(executor=self.name, argv=argv, files=files,
-                             env={**rank_threads(job.plan.threads_per_rank), **loopback_collectives(job.plan.nodes)},
+                             env={**rank_threads(job.plan.threads_per_rank), **job.plan.allocator_env,
+                                  **loopback_collectives(job.plan.nodes)},
                              marker=marker, log_dir=str(RunDir(job.run_dir).logs),
                              heartbeat_dir=str(RunDir(job.run_dir).heartbeats), world_size=job.plan.world_size,
                              hang_timeout_s=job.hang_timeout_s)

@@ -60,7 +60,9 @@ class RayExecutor:
             "ScalingConfig": {"num_workers": plan.world_size, "use_gpu": plan.device == "cuda",
                               "resources_per_worker": {"CPU": 1, **({"GPU": 1} if plan.device == "cuda" else {})}},
             "TorchConfig": {"backend": plan.backend, "timeout_s": int(job.hang_timeout_s)},
-            "RunConfig": {"name": job.name, "storage_path": str(RunDir(job.run_dir).ray_storage)},
+            "RunConfig": {"name": job.name, "storage_path": str(RunDir(job.run_dir).ray_storage),
+                          # read by glibc when a worker starts (launcher/allocator.py)
+                          "worker_runtime_env": {"env_vars": plan.allocator_env}},
             "CheckpointConfig": {"num_to_keep": job.checkpoints_kept},
             "FailureConfig": {"max_failures": job.max_restarts},
         }
