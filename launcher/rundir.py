@@ -53,8 +53,19 @@ class RunDir:
 
     @property
     def logs(self) -> Path:
-        """torchrun's per-attempt error files (what the failure report is built from)."""
+        """torchrun's per-attempt error files (what the failure report is built from); Ray's log."""
         return self.path / "logs"
+
+    @property
+    def ray_log(self) -> Path:
+        """Ray's own output (ray executor): its driver-side log and what its processes print,
+        other than the ranks' console lines."""
+        return self.logs / "ray.log"
+
+    @property
+    def consoles(self) -> Path:
+        """Each rank's stdout and stderr under Ray, which the launcher relays to its own (ray executor)."""
+        return self.logs / "console"
 
     @property
     def heartbeats(self) -> Path:

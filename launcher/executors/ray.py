@@ -21,6 +21,8 @@
   it registered, which every rank resumes from unless the run directory holds a newer one
   (launcher.trainer.resume_path). The run directory must be shared storage on a multi-node cluster,
   as Ray Train's storage_path must be anyway.
+- Console: the same lines as a local launch, each once, uncoloured; Ray's own output goes to
+  `<run>/logs/ray.log` (launcher.executors.ray_output).
 """
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from launcher.errors import LaunchError
+from launcher.executors.ray_output import WORKER_ENV, ConsoleRelay, RayLog
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
 from launcher.rundir import RunDir
 
@@ -55,8 +59,11 @@ class RayExecutor:
                           "num_cpus": cpus, "runtime_env": {"worker_process_setup_hook": LOOPBACK_HOOK}}),
             "ray.shutdown": "no (a cluster this launcher joined)" if address else "yes, after the run (embedded Ray)",
             "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+            "environment": WORKER_ENV,
+            "ray_log": str(RunDir(job.run_dir).ray_log),
             "train_loop_per_worker": TRAIN_LOOP,
-            "train_loop_config": {"spec_path": str(job.spec_path), "cwd": os.getcwd()},
+            "train_loop_config": {"spec_path": str(job.spec_path), "cwd": os.getcwd(),
+                                  "console_dir": str(RunDir(job.run_dir).consoles)},
             "ScalingConfig": {"num_workers": plan.world_size, "use_gpu": plan.device == "cuda",
                               "resources_per_worker": {"CPU": 1, **({"GPU": 1} if plan.device == "cuda" else {})}},
             "TorchConfig": {"backend": plan.backend, "timeout_s": int(job.hang_timeout_s)},
@@ -74,30 +81,34 @@ class RayExecutor:
     def run(self, request: LaunchRequest) -> None:
         s = request.settings
         os.environ.setdefault("RAY_AUTH_MODE", s["RAY_AUTH_MODE"])  # before ray is imported
+        os.environ.update(s["environment"])  # Ray Train hands these on to its controller and workers
         import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from launcher.executors.ray_rank import train_loop_per_worker
 
-        started_here = start_ray(s["ray.init"])
-        try:
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={**s["train_loop_config"], "launched_at": _launched_at()},
-                scaling_config=ScalingConfig(**s["ScalingConfig"]),
-                torch_config=TorchConfig(**s["TorchConfig"]),
-                run_config=RunConfig(**s["RunConfig"], checkpoint_config=CheckpointConfig(**s["CheckpointConfig"]),
-                                     failure_config=FailureConfig(**s["FailureConfig"])),
-            )
-            result = trainer.fit()
-        except Exception as exc:  # Ray raises its TrainingFailedError family; keep Ray's types out of the CLI
-            raise LaunchError("the Ray Train job failed", ray_failures(exc)) from None
-        finally:
-            if started_here:
-                ray.shutdown()
+        failed = f"the Ray Train job failed (Ray's own output: {s['ray_log']})"
+        with RayLog(Path(s["ray_log"])) as ray_log, ConsoleRelay(Path(s["train_loop_config"]["console_dir"])):
+            started_here = start_ray(s["ray.init"])
+            ray_log.capture_relayed()
+            try:
+                trainer = TorchTrainer(
+                    train_loop_per_worker,
+                    train_loop_config={**s["train_loop_config"], "launched_at": _launched_at()},
+                    scaling_config=ScalingConfig(**s["ScalingConfig"]),
+                    torch_config=TorchConfig(**s["TorchConfig"]),
+                    run_config=RunConfig(**s["RunConfig"], checkpoint_config=CheckpointConfig(**s["CheckpointConfig"]),
+                                         failure_config=FailureConfig(**s["FailureConfig"])),
+                )
+                result = trainer.fit()
+            except Exception as exc:  # Ray raises its TrainingFailedError family; keep Ray's types out of the CLI
+                raise LaunchError(failed, ray_failures(exc)) from None
+            finally:
+                if started_here:
+                    ray.shutdown()
         if result.error is not None:
-            raise LaunchError("the Ray Train job failed", ray_failures(result.error))
+            raise LaunchError(failed, ray_failures(result.error))
 
 
 def start_ray(init: dict[str, Any]) -> bool:

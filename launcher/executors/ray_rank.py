@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from launcher.executors.ray_output import rank_console
 from launcher.startup import StartupClock
 
 
@@ -26,14 +27,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if Path(config["cwd"]).is_dir():  # Ray starts workers in its own directory; user code lives in the launcher's
         os.chdir(config["cwd"])
-    is_rank0 = ray.train.get_context().get_world_rank() == 0
-    reported = ray.train.get_checkpoint()
-    with reported.as_directory() if reported else contextlib.nullcontext() as restored:
-        exchange = CheckpointExchange(restored=Path(restored) if restored else None, published=report_checkpoint)
-        summary = run_rank(Path(config["spec_path"]), StartupClock(config["launched_at"]), exchange)
-    ray.train.report({"step": summary["steps"], "final_loss": summary["final_loss"]})  # every rank, as Ray expects
-    if is_rank0:
-        print(format_summary(summary), flush=True)
+    rank = ray.train.get_context().get_world_rank()
+    spec_path = Path(config["spec_path"])
+    with rank_console(Path(config["console_dir"]), rank):  # the launcher relays these files to its console
+        reported = ray.train.get_checkpoint()
+        with reported.as_directory() if reported else contextlib.nullcontext() as restored:
+            exchange = CheckpointExchange(restored=Path(restored) if restored else None, published=report_checkpoint)
+            summary = run_rank(spec_path, StartupClock(config["launched_at"]), exchange)
+        ray.train.report({"step": summary["steps"], "final_loss": summary["final_loss"]})  # every rank, as Ray expects
+        if rank == 0:
+            print(format_summary(summary), flush=True)
 
 
 def report_checkpoint(step: int, directory: Path) -> None:

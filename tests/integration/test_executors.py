@@ -3,6 +3,7 @@
 One DDP spec (2 workers, accumulation 2) runs once per executor; the local run is the reference.
 The Ray run also carries the fault test: a worker SIGKILLed by PID mid-run, FailureConfig
 (max_failures=1) restarts the group, and the resumed run must still equal the uninterrupted one.
+A second, uninterrupted Ray run must print what the local run printed, line for line.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,8 +58,10 @@ def local_run(tmp_path_factory):
     blocked_log = tmp / "blocked_imports.log"
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "fixtures" / "no_engines"), str(REPO)]),
            "MESHYARD_BLOCKED_IMPORTS_LOG": str(blocked_log)}
-    run = launch_ok(make_spec(tmp, "parity", **PARITY), env=env)
-    return run, blocked_log
+    spec = make_spec(tmp, "parity", **PARITY)
+    result = meshyard("launch", str(spec), env=env)
+    assert result.returncode == 0, f"launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return run_dir(spec), blocked_log, result
 
 
 def summary(run) -> dict:
@@ -71,7 +75,7 @@ def assert_same_numbers(run, reference) -> None:
 
 
 def test_local_run_imports_no_engine(local_run):
-    run, blocked_log = local_run
+    run, blocked_log, _ = local_run
     assert summary(run)["world_size"] == 2
     record = blocked_log.read_text().splitlines()
     assert not [line for line in record if not line.startswith("active ")], record
@@ -114,6 +118,34 @@ def test_ray_train_matches_local_after_a_worker_is_killed(tmp_path, local_run):
     assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000020"  # Result.checkpoint
     assert (run / "ray" / "parity" / "step_00000020" / "manifest.json").is_file()
     assert not processes_with_marker(str(run / "spec.json"))
+
+
+def test_ray_prints_what_a_local_launch_prints(tmp_path, local_run):
+    """Each line once, uncoloured, none of Ray's own output (which lands in <run>/logs/ray.log)."""
+    local_dir, _, local = local_run
+    spec = make_spec(tmp_path, "parity", **PARITY)
+    result = meshyard("launch", str(spec), "--executor", "ray", timeout=300)
+    run = run_dir(spec)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "\x1b" not in result.stdout + result.stderr
+    assert console(result.stdout, run) == console(local.stdout, local_dir)
+    assert console(result.stderr, run) == console(local.stderr, local_dir)
+    assert len([line for line in result.stdout.splitlines() if line.startswith("step ")]) == 20
+    ray_log = (run / "logs" / "ray.log").read_text()
+    assert "Started a local Ray instance" in ray_log and "(TrainController pid=" in ray_log, ray_log[-3000:]
+
+
+def console(text: str, run: Path) -> list[str]:
+    """A launch's output lines, with what differs between two launches of one spec put aside: the
+    run directory, timings and throughput, and the executor's own command on the `launching` line."""
+    lines = []
+    for line in text.replace(str(run), "<run>").splitlines():
+        if line.startswith("launching ("):
+            line = "launching (<executor>): <command>"
+        elif line.startswith("time to first step"):
+            line = re.sub(r"\d+\.\d+", "N", line)
+        lines.append(re.sub(r"\d+(\.\d+)?(?= (s|samples/s|tokens/s|ms/step)\b)", "N", line))
+    return lines
 
 
 def wait_for_ray_checkpoint(storage, timeout: float) -> int:

@@ -63,6 +63,10 @@ def test_ray_dry_run_maps_the_plan_onto_ray_train(tmp_path, monkeypatch):
     assert s["TorchConfig"] == {"backend": "gloo", "timeout_s": 60}
     assert s["FailureConfig"] == {"max_failures": 3} and s["CheckpointConfig"] == {"num_to_keep": 4}
     assert s["RunConfig"]["storage_path"] == str(tmp_path / "runs" / "test" / "ray")
+    # the ranks' console files (relayed as they are) and Ray's own output, apart; no print patch
+    assert s["train_loop_config"]["console_dir"] == str(tmp_path / "runs" / "test" / "logs" / "console")
+    assert s["ray_log"] == str(tmp_path / "runs" / "test" / "logs" / "ray.log")
+    assert s["environment"] == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     joined = dry_run(spec, executor="ray", address="ray://10.0.0.1:10001").settings
     assert joined["ray.init"] == {"address": "ray://10.0.0.1:10001"} and joined["ray.shutdown"].startswith("no")
 
