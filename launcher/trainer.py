@@ -121,9 +121,9 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
 
     record: dict[str, Any] = {}
     agreement = StepAgreement(preemption)
+    timer, stragglers = RankTimer(), StragglerWatch(spec.observe.straggler_threshold, device)
     elapsed, timed_steps, timed_tokens, step, preempted = 0.0, 0, 0, start_step, False
     throughput = Throughput(layout.global_batch_size)  # the whole launch's, for the summary
-    timer, stragglers = RankTimer(), StragglerWatch(spec.observe.straggler_threshold, device)
     for step in range(start_step + 1, end_step + 1):
         heartbeat.update(step - 1, "step")
         profiler.step_begins(step)
