@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from launcher.cli import main
 from launcher.stragglers import CONSECUTIVE, RankTimer, StragglerWatch, excess
 
 
@@ -66,3 +67,10 @@ def _table(rank0_own_s: float, rank1_own_s: float) -> list[list[float]]:
     """(step, data wait, compute) per rank: both finish the step together, at the slower one's pace."""
     step_s = max(rank0_own_s, rank1_own_s)
     return [[step_s, own_s / 2, own_s / 2] for own_s in (rank0_own_s, rank1_own_s)]
+
+
+def test_a_threshold_that_is_not_a_positive_number_is_one_line_naming_the_field(capsys):
+    for bad, said in (("0", "Input should be greater than 0"), ("fast", "Input should be a valid number")):
+        assert main(["validate", "examples/quickstart.yaml", "--set", f"observe.straggler_threshold={bad}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: observe.straggler_threshold: {said}") and err.count("\n") == 1, err
