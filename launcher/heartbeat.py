@@ -152,7 +152,7 @@ def hang_report(directory: Path) -> dict[int, str]:
     report = diagnose(beats, dumps)
     if dumps and report:
         first = next(iter(report))
-        report[first] += (f"\n  Flight Recorder dumps of ranks {_ranks(dumps)}:"
+        report[first] += (f"\n  Flight Recorder dumps of rank(s) {_ranks(dumps)}:"
                           f" {directory / DUMP_DIR}/rank<r>.json")
     return report
 
@@ -164,12 +164,14 @@ def diagnose(beats: dict[int, dict[str, Any]], dumps: dict[int, dict[str, Any]] 
     if not beats:
         return {}
     frozen = frozen_ranks(beats)
-    unentered = not_entered({r: b.get("collectives") or {} for r, b in beats.items()}, dumps or {})
+    # A frozen rank's last beat is up to a beat interval older than its last collective: not compared.
+    unentered = not_entered({r: b.get("collectives") or {} for r, b in beats.items() if r not in frozen}, dumps or {})
     missing = sorted({r for u in unentered for r in u.missing})
     outside = [r for r, b in beats.items() if not in_communication(b)]
     lowest = min(b["step"] for b in beats.values())
     stuck = list(frozen) or missing or outside or [r for r, b in beats.items() if b["step"] == lowest]
     waiting = [r for r, b in beats.items() if r not in stuck and in_communication(b)]
+    judge_by_stacks = bool(waiting) and not any(b.get("collectives") for b in beats.values())
     report = {}
     for rank in sorted(beats, key=lambda r: (r not in stuck, r)):
         beat = beats[rank]
@@ -186,7 +188,7 @@ def diagnose(beats: dict[int, dict[str, Any]], dumps: dict[int, dict[str, Any]] 
         lines += [f"  {frame}" for frame in beat.get("stack", [])[-6:-1]]
         lines += [f"  had not entered {u.describe()}, which rank(s) {_ranks(u.inside)} entered"
                   for u in unentered if rank in u.missing]
-        if not unentered and waiting and not in_communication(beat):
+        if judge_by_stacks and not in_communication(beat):
             lines.append(f"  had not entered the collective rank(s) {_ranks(waiting)} wait in"
                          " (judged from the stacks: no Flight Recorder counts)")
         report[rank] = "\n".join(lines)

@@ -38,7 +38,7 @@ def test_the_report_names_the_rank_that_never_entered_the_collective(tmp_path):
     assert "/torch/" in waiting.rsplit(", in ", 1)[1], waiting  # its stack is in torch's code, waiting
 
     folder = run_dir(spec) / "heartbeats" / DUMP_DIR
-    assert f"Flight Recorder dumps of ranks 0, 1: {folder}/rank<r>.json" in [line.strip() for line in report]
+    assert f"Flight Recorder dumps of rank(s) 0, 1: {folder}/rank<r>.json" in [line.strip() for line in report]
     dumps = {rank: json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     assert entered(dumps[0])["0"] == seq and entered(dumps[1])["0"] == seq - 1
     assert [e["profiling_name"] for e in dumps[0]["entries"] if e["collective_seq_id"] == seq] == ["gloo:all_reduce"]

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.flight_recorder import DUMP_DIR, REQUEST, DumpOnRequest, entered, not_entered, request_dumps
-from launcher.heartbeat import Heartbeat, diagnose
+from launcher.heartbeat import FROZEN_AFTER_S, Heartbeat, diagnose
 from tests.unit.test_heartbeat import OWN_CODE, beat
 
 ALL_REDUCE = {"process_group": ["0", "default_pg"], "collective_seq_id": 57, "is_p2p": False,
@@ -45,6 +45,15 @@ def test_the_rank_that_had_not_entered_is_blamed_even_when_its_stack_is_in_commu
     assert "  had not entered collective #57 of group 0, which rank(s) 0 entered" in report[1].splitlines()
     assert report[0].startswith("waiting for peers after step 3 (step), in collective #57 of group 0,"
                                 " which rank(s) 1 had not entered, in ")
+
+
+def test_a_frozen_rank_is_not_said_to_have_missed_a_collective_by_its_stale_last_beat():
+    """SIGSTOP at step 5: its last beat (up to a second earlier) counted fewer collectives than it entered."""
+    beats = {0: counted(0, {"0": 35}, waiting_s=6.0),
+             1: counted(1, {"0": 30}, at=-(FROZEN_AFTER_S + 2), frame=OWN_CODE)}
+    report = diagnose(beats)
+    assert report[1].startswith("stopped responding after step 3") and "had not entered" not in report[1]
+    assert "had not entered" not in report[0]
 
 
 def test_without_recorder_counts_the_stacks_say_who_had_not_entered():
@@ -88,3 +97,8 @@ def test_the_recorder_of_a_real_gloo_group_is_counted_in_beats_and_dumped_on_req
     assert [(e["collective_seq_id"], e["profiling_name"]) for e in dumps[0]["entries"]] == [
         (1, "gloo:all_reduce"), (2, "gloo:all_reduce"), (3, "gloo:all_reduce")]
     assert not (heartbeats / DUMP_DIR / REQUEST).exists()
+
+
+def test_a_status_in_an_unknown_format_counts_nothing_instead_of_ending_the_heartbeat_thread():
+    assert entered({"pg_status": {"0": {"renamed": "5"}}}) == {}
+    assert entered({"version": "9"}) == {} and entered({}) == {}
