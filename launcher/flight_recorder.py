@@ -6,10 +6,11 @@ entry carries its group, a sequence number per group, the operation and the tens
 status says, per group, the sequence number of the last collective this process entered.
 
 - Each heartbeat carries that status (`entered()`: a ~10 us read, once a second), so the launcher
-  knows per group how far every rank got, a rank that froze included (its last beat).
+  knows per group how far every rank got (not a frozen rank: its last beat may predate its last
+  collectives, launcher/heartbeat.py leaves it out).
 - When the launcher calls a hang it asks the ranks for the whole recorder: a request file their
   heartbeat threads look for (`DumpOnRequest`), answered with `<run>/heartbeats/flight_recorder/
-  rank<r>.json` (torch's JSON dump). A frozen rank cannot answer; its last beat still counts.
+  rank<r>.json` (torch's JSON dump). A frozen rank cannot answer.
 - `not_entered()` compares the counts: in a group, the first collective some member entered and
   others had not is the one the others wait in; those others are named.
 
