@@ -27,6 +27,9 @@ import torch.distributed as dist
 
 SCHEDSTAT = Path("/proc/thread-self/schedstat")
 CONSECUTIVE = 3  # logged intervals a rank must stay slowest beyond the threshold before it is named
+# What `StragglerWatch.check` adds to a metrics record: wall-clock measurements, never equal between two runs.
+FIELDS = ("rank_step_s", "rank_data_wait_s", "rank_compute_s", "rank_collective_wait_s", "slowest_rank",
+          "slowest_excess", "straggler")
 
 
 def _busy_s() -> float:
