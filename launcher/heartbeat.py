@@ -10,6 +10,11 @@ The launcher's watch (HangWatch) must decide before the process group's own time
 fires, the healthy ranks fail first ("Timed out") and would be blamed. Each beat therefore says how
 long the main thread has been waiting in the same collective (`waiting_s`), and the watch declares
 a hang when any rank has waited `watch_seconds(timeout)` - a margin short of the timeout.
+
+Each beat also carries, per process group, the last collective the rank entered (torch's Flight
+Recorder, launcher/flight_recorder.py), and the heartbeat thread answers the launcher's request for
+the whole recorder: the report then names the ranks that had not entered the collective the others
+wait in.
 """
 from __future__ import annotations
 
@@ -25,10 +30,12 @@ from types import FrameType
 from typing import Any
 
 from launcher.atomic import write_text_atomic
+from launcher.flight_recorder import DUMP_DIR, DumpOnRequest, Unentered, entered, not_entered, request_dumps
 from launcher.rundir import RunDir
 
 INTERVAL_S = 1.0
 FROZEN_AFTER_S = 5.0  # a rank whose beats lag the others' by this much has stopped running
+DUMP_WAIT_S = 3.0  # how long a hang report waits for the ranks' Flight Recorder dumps (within the watch's margin)
 # Frames inside these files mean "waiting for other ranks", not "stuck in this rank's own code".
 COMMUNICATION_PATHS = ("torch/distributed/", "torch/nn/parallel/", "torch/autograd/", "torch/_tensor.py",
                        "launcher/guards.py")  # the per-step agreement waits there
@@ -45,6 +52,7 @@ class Heartbeat:
         self._waiting: tuple[Any, ...] | None = None  # (step, phase, innermost frame) of the current wait
         self._waiting_since = 0.0
         self._thread = threading.Thread(target=self._run, name="meshyard-heartbeat", daemon=True)
+        self._dump = DumpOnRequest(self.path.parent, rank)
 
     def start(self) -> Heartbeat:
         self._write()
@@ -65,10 +73,11 @@ class Heartbeat:
     def _write(self) -> None:
         """One beat. A failed write (disk full, the directory gone for a moment) is said once and
         retried at the next beat: a dead heartbeat thread would get a healthy job killed as hung."""
+        self._dump.poll()
         stack = innermost_frames(sys._current_frames().get(self._main) if self._main is not None else None)
         now = time.time()
         beat = {"rank": self.rank, "pid": os.getpid(), "step": self.step, "phase": self.phase,
-                "time": now, "stack": stack, "waiting_s": self._waited(stack, now)}
+                "time": now, "stack": stack, "waiting_s": self._waited(stack, now), "collectives": entered()}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path, json.dumps(beat))
@@ -133,15 +142,36 @@ def frozen_ranks(beats: dict[int, dict[str, Any]]) -> dict[int, float]:
     return {r: newest - b["time"] for r, b in beats.items() if newest - b["time"] > FROZEN_AFTER_S}
 
 
-def diagnose(beats: dict[int, dict[str, Any]]) -> dict[int, str]:
-    """rank -> what it was doing, stuck ranks first: frozen ones, else those outside communication,
-    else the slowest."""
+def hang_report(directory: Path) -> dict[int, str]:
+    """`diagnose` of a job the launcher just called hung, while its ranks still run: with the Flight
+    Recorder dumps of the ranks that still beat and have a recorder, and where those dumps are."""
+    beats = read_heartbeats(directory)
+    frozen = frozen_ranks(beats)
+    recording = [r for r, b in beats.items() if b.get("collectives") and r not in frozen]
+    dumps = request_dumps(directory, recording, DUMP_WAIT_S) if recording else {}
+    report = diagnose(beats, dumps)
+    if dumps and report:
+        first = next(iter(report))
+        report[first] += (f"\n  Flight Recorder dumps of rank(s) {_ranks(dumps)}:"
+                          f" {directory / DUMP_DIR}/rank<r>.json")
+    return report
+
+
+def diagnose(beats: dict[int, dict[str, Any]], dumps: dict[int, dict[str, Any]] | None = None) -> dict[int, str]:
+    """rank -> what it was doing, stuck ranks first: frozen ones, else those that had not entered a
+    collective others are in (Flight Recorder counts), else those outside communication, else the
+    slowest. `dumps`: rank -> its Flight Recorder dump, where the ranks could answer."""
     if not beats:
         return {}
     frozen = frozen_ranks(beats)
+    # A frozen rank's last beat is up to a beat interval older than its last collective: not compared.
+    unentered = not_entered({r: b.get("collectives") or {} for r, b in beats.items() if r not in frozen}, dumps or {})
+    missing = sorted({r for u in unentered for r in u.missing})
     outside = [r for r, b in beats.items() if not in_communication(b)]
     lowest = min(b["step"] for b in beats.values())
-    stuck = list(frozen) or outside or [r for r, b in beats.items() if b["step"] == lowest]
+    stuck = list(frozen) or missing or outside or [r for r, b in beats.items() if b["step"] == lowest]
+    waiting = [r for r, b in beats.items() if r not in stuck and in_communication(b)]
+    judge_by_stacks = bool(waiting) and not any(b.get("collectives") for b in beats.values())
     report = {}
     for rank in sorted(beats, key=lambda r: (r not in stuck, r)):
         beat = beats[rank]
@@ -152,11 +182,27 @@ def diagnose(beats: dict[int, dict[str, Any]]) -> dict[int, str]:
         elif rank in stuck:
             lines = [f"stuck after step {beat['step']} ({beat['phase']}), in {where}"]
         else:
-            report[rank] = f"waiting for peers after step {beat['step']} ({beat['phase']}), in {where}"
+            report[rank] = (f"waiting for peers after step {beat['step']} ({beat['phase']})"
+                            f"{_entered_by(rank, unentered)}, in {where}")
             continue
         lines += [f"  {frame}" for frame in beat.get("stack", [])[-6:-1]]
+        lines += [f"  had not entered {u.describe()}, which rank(s) {_ranks(u.inside)} entered"
+                  for u in unentered if rank in u.missing]
+        if judge_by_stacks and not in_communication(beat):
+            lines.append(f"  had not entered the collective rank(s) {_ranks(waiting)} wait in"
+                         " (judged from the stacks: no Flight Recorder counts)")
         report[rank] = "\n".join(lines)
     return report
+
+
+def _entered_by(rank: int, unentered: list[Unentered]) -> str:
+    """', in collective #57 of group 0 (gloo:all_reduce [[33]]), which rank 1 had not entered' for a rank inside."""
+    return "".join(f", in {u.describe()}, which rank(s) {_ranks(u.missing)} had not entered"
+                   for u in unentered if rank in u.inside)
+
+
+def _ranks(ranks: Any) -> str:
+    return ", ".join(str(r) for r in sorted(ranks))
 
 
 def watch_seconds(timeout_s: float) -> float:

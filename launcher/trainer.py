@@ -33,6 +33,7 @@ from launcher.rundir import RunDir
 from launcher.sampler import BatchLayout, StepBatchSampler
 from launcher.spec.schema import JobSpec
 from launcher.startup import StartupClock
+from launcher.stragglers import RankTimer, StragglerWatch
 from launcher.trackers import open_trackers
 from strategies import Strategy, build_strategy
 
@@ -120,6 +121,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
 
     record: dict[str, Any] = {}
     agreement = StepAgreement(preemption)
+    timer, stragglers = RankTimer(), StragglerWatch(spec.observe.straggler_threshold, device)
     elapsed, timed_steps, timed_tokens, step, preempted = 0.0, 0, 0, start_step, False
     throughput = Throughput(layout.global_batch_size)  # the whole launch's, for the summary
     for step in range(start_step + 1, end_step + 1):
@@ -129,8 +131,10 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             (training.eval_every and step % training.eval_every == 0) or step == training.max_steps
         )
         log_due = step % training.log_every == 0 or step in (start_step + 1, end_step) or eval_due
-        tick = time.perf_counter()
-        window = compression.prepare_window([next(batches) for _ in range(training.grad_accum_steps)])
+        timer.start()
+        micro_batches = [next(batches) for _ in range(training.grad_accum_steps)]
+        timer.data_ready()
+        window = compression.prepare_window(micro_batches)
         step_tokens = strategy.dp_size * sum(feed.token_positions(micro_batch) for micro_batch in window)
         timed_tokens += step_tokens
         loss = strategy.forward_backward(window)
@@ -151,7 +155,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             grad_norm = step_norm if grad_norm is None else grad_norm
         scheduler.step()  # the schedule's clock is the step count, skipped updates included
         compression.after_step(step, evaluate if eval_set is not None else None)
-        step_s = time.perf_counter() - tick
+        step_s = timer.stop()
         elapsed, timed_steps = elapsed + step_s, timed_steps + 1
         throughput.add(step_s, step_tokens)
         logger.advance()
@@ -159,12 +163,13 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             clock.mark("first_step")  # from the end of data build: checkpoint restore and loader start count here
 
         if log_due or verdict.preempt:
+            spread, straggler_news = stragglers.check(timer)  # every rank: it gathers their timings
             record = {
                 "step": step, "loss": strategy.reduce_mean(loss).item(), "penalty": penalty.item(),
                 "lr": lr, "grad_norm": None if grad_norm is None else grad_norm.item(), "skipped": verdict.nonfinite,
                 "samples_per_s": layout.global_batch_size * timed_steps / elapsed,
                 "step_time_s": elapsed / timed_steps, **memory, "peak_rss_bytes": peak_rss_bytes(),
-                "rss_before_model_bytes": rss_before_model, **cuda_peak_bytes(device),
+                "rss_before_model_bytes": rss_before_model, **cuda_peak_bytes(device), **spread,
             }
             if timed_tokens:  # token inputs: every data-parallel rank's micro-batches hold as many
                 record["tokens_per_s"] = timed_tokens / elapsed
@@ -172,6 +177,8 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
                 heartbeat.update(step, "eval")
                 record.update(evaluate())
             logger.log(record)
+            if straggler_news is not None:
+                logger.say(straggler_news)
             elapsed, timed_steps, timed_tokens = 0.0, 0, 0
         if checkpoint_due(spec, step, end_step) or verdict.preempt:
             heartbeat.update(step, "checkpoint")

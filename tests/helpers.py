@@ -18,6 +18,7 @@ from launcher.interrupts import PreemptionFlag
 from launcher.metrics import read_metrics
 from launcher.session import prepare
 from launcher.spec import load_spec
+from launcher.stragglers import FIELDS as STRAGGLER_FIELDS
 from launcher.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +164,7 @@ def wait_for_step(run: Path, step: int, timeout: float = 120.0) -> int:
 
 # Fields that measure the machine or the process, not the training: never equal between two runs.
 NOT_REPRODUCIBLE = ("samples_per_s", "tokens_per_s", "step_time_s", "peak_rss_bytes", "rss_before_model_bytes",
-                    "cuda_max_allocated_bytes", "cuda_max_reserved_bytes")
+                    "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", *STRAGGLER_FIELDS)
 
 
 def comparable(run: Path) -> list[dict[str, Any]]:

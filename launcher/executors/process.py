@@ -19,7 +19,7 @@ from pathlib import Path
 from launcher.errors import LaunchError
 from launcher.executors.forked import ForkedCommand
 from launcher.executors.request import LaunchRequest
-from launcher.heartbeat import HangWatch, diagnose, frozen_ranks, read_heartbeats
+from launcher.heartbeat import HangWatch, diagnose, frozen_ranks, hang_report, read_heartbeats
 from launcher.interrupts import LAUNCH_SIGNALS
 from launcher.procs import adopt_orphans, kill_launch, launch_token, stop_tree, worker_pids
 from launcher.worker import GLOBAL_RANK_FILE
@@ -68,7 +68,7 @@ def _wait(proc: ForkedCommand, request: LaunchRequest) -> int:
         if LAUNCH_SIGNALS.terminated and LAUNCH_SIGNALS.relay is not None:
             LAUNCH_SIGNALS.relay()  # ranks that started (or restarted) since the signal
         if watch.stalled():
-            report = diagnose(read_heartbeats(heartbeats))
+            report = hang_report(heartbeats)  # before the stop: the ranks still answer for their Flight Recorders
             stop_tree(proc, launch_token(), grace_s=2.0)
             raise LaunchError(
                 f"the job hung: a rank waited {watch.watch_s:g} s for its peers, or none progressed for"

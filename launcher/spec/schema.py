@@ -314,7 +314,8 @@ class ProfileSpec(Section):
 
 
 class ObserveSpec(Section):
-    """Where the run is watched besides metrics.jsonl (always written), and what is profiled."""
+    """Where the run is watched besides metrics.jsonl (always written), what is profiled, and when a
+    rank is called a straggler."""
 
     trackers: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="experiment trackers fed from rank 0's records besides metrics.jsonl"
@@ -325,6 +326,10 @@ class ObserveSpec(Section):
     mlflow_experiment: str = Field(default="meshyard", min_length=1, description="MLflow experiment name")
     profile: ProfileSpec | None = Field(
         default=None, description="torch.profiler Chrome traces to <run>/profile/rank<N>.json; null = off")
+    straggler_threshold: float = Field(
+        default=0.2, gt=0,
+        description="name a rank a straggler when its own time per step (data wait + compute) exceeds the other"
+                    " ranks' median by this fraction in 3 consecutive logged intervals")
 
     @field_validator("trackers")
     @classmethod
