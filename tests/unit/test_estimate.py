@@ -127,3 +127,15 @@ def test_profile_round_trip_gpu_peaks_and_step_time(tmp_path, monkeypatch):
     assert step.communication_s == pytest.approx(rank.collective_bytes["all_reduce"] / 1e8)
     assert step.optimizer_s == pytest.approx((2 * rank.param_bytes + rank.grad_bytes + 2 * rank.optimizer_bytes) / 1e9)
     assert step.predicted_step_time_s == pytest.approx(step.compute_s + step.communication_s + step.optimizer_s)
+
+
+@pytest.mark.parametrize("argv,message", [(["--procs", "0"], "error: --procs 0: allowed 1 to 256"),
+                                          (["--device", "cuda"], "error: --device cuda: no CUDA device is visible")])
+def test_calibrate_refuses_bad_arguments_in_one_line(capsys, argv, message):
+    import torch
+
+    if argv[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["calibrate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.splitlines()) == 1
