@@ -38,11 +38,17 @@ class RankEstimate:
     buffer_bytes: int  # communication buffers (buckets, all-gathered parameters, pipeline receive buffers)
     flops_per_step: int | None
     collective_bytes: dict[str, int] = field(default_factory=dict)  # payload per step, by collective
+    # Gradients are freed after every step (zero_grad(set_to_none=True)) and grow in backward as the
+    # activations are freed, so the two coexist only when gradients outlive a micro-batch:
+    # accumulation, or a pipeline holding later micro-batches' activations after an earlier backward.
+    grads_meet_activations: bool = False
 
     @property
     def peak_bytes(self) -> int:
-        return (self.param_bytes + self.grad_bytes + self.optimizer_bytes + (self.activation_bytes or 0)
-                + self.buffer_bytes)
+        activations = self.activation_bytes or 0
+        live = (activations + self.grad_bytes if self.grads_meet_activations
+                else max(activations, self.grad_bytes))
+        return self.param_bytes + self.optimizer_bytes + self.buffer_bytes + live
 
     def describe(self, pipelined: bool) -> list[str]:
         who = "every rank" if not pipelined else f"pipeline rank {self.pipeline_rank}" + (
@@ -51,9 +57,10 @@ class RankEstimate:
                        f"{human_bytes(self.activation_bytes)} ({self.micro_batches_in_flight} in flight)")
         moved = [f"{op} {human_bytes(size)}" for op, size in self.collective_bytes.items()] or ["no collectives"]
         flops = "" if self.flops_per_step is None else f"; {self.flops_per_step:.3g} FLOPs"
-        return [f"{who:<16} {self.params:,} params: params {human_bytes(self.param_bytes)} + grads"
-                f" {human_bytes(self.grad_bytes)} + optimizer {human_bytes(self.optimizer_bytes)}"
-                f" + activations {activations} + buffers {human_bytes(self.buffer_bytes)}"
+        live = (f"grads {human_bytes(self.grad_bytes)} + activations {activations}" if self.grads_meet_activations
+                else f"max(grads {human_bytes(self.grad_bytes)}, activations {activations})")
+        return [f"{who:<16} {self.params:,} params: params {human_bytes(self.param_bytes)} + optimizer"
+                f" {human_bytes(self.optimizer_bytes)} + buffers {human_bytes(self.buffer_bytes)} + {live}"
                 f" = peak {human_bytes(self.peak_bytes)}",
                 f"{'':<16} per step: " + ", ".join(moved) + flops]
 
@@ -237,7 +244,7 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
         grad_bytes=state["grad_bytes"], optimizer_bytes=state["optimizer_bytes"],
         activation_bytes=traced["activation_bytes"], micro_batches_in_flight=traced["micro_batches_in_flight"],
         buffer_bytes=state["buffer_bytes"] + traced["buffer_bytes"], flops_per_step=traced["flops_per_step"],
-        collective_bytes=collectives)
+        collective_bytes=collectives, grads_meet_activations=plan.grad_accum_steps > 1 or plan.pp_degree > 1)
 
 
 def _sample_batch(train_set: Any, samples: int, collate: Any) -> Any:

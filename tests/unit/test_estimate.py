@@ -87,6 +87,15 @@ def test_pipeline_ranks_hold_the_schedules_in_flight_micro_batches(tmp_path):
         4 * one_f_one_b.ranks[1].activation_bytes]
 
 
+def test_gradients_count_on_top_of_activations_only_when_they_outlive_a_micro_batch(tmp_path):
+    spec = make_spec(tmp_path, resources={"procs_per_node": 2}, training={"max_steps": 1})
+    (_, one), (_, two) = estimate_of(spec), estimate_of(spec, "training.grad_accum_steps=2")
+    for rank, live in ((one.ranks[0], max), (two.ranks[0], lambda a, g: a + g)):
+        assert rank.activation_bytes and rank.grad_bytes
+        assert rank.peak_bytes == rank.param_bytes + rank.optimizer_bytes + rank.buffer_bytes + live(
+            rank.activation_bytes, rank.grad_bytes)
+
+
 def test_plan_prints_counts_and_bytes_per_rank_and_json_has_integer_bytes(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no machine profile
     spec = make_spec(tmp_path, resources={"procs_per_node": 2}, strategy={"name": "zero", "stage": 2})
