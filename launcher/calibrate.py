@@ -9,11 +9,12 @@ all-reduced tensor, the gathered output, the reduce-scattered input, what one ra
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ def _rank(rank: int, world_size: int, port: int, backend: str, device_kind: str,
     torch.set_num_threads(threads)
     device = torch.device("cuda", rank) if device_kind == "cuda" else torch.device("cpu")
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    # a short timeout: a measurement that hangs fails in minutes, not after the default half hour
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(minutes=2))
     try:
         rates: dict[str, Any] = {"matmul": {p: _matmul_rate(device, dtype) for p, dtype in (("fp32", torch.float32),
                                                                             ("bf16", torch.bfloat16))},
@@ -71,22 +73,25 @@ def _rank(rank: int, world_size: int, port: int, backend: str, device_kind: str,
 
 
 def _timed(device: torch.device, work: Callable[[], object]) -> float:
-    """Seconds per call of `work`, after one warm-up call, repeated for at least MIN_SECONDS."""
+    """Seconds per call of `work`: one warm-up call, one timed call to size the loop, then as many
+    calls as fill MIN_SECONDS. Every rank makes the same number of calls (the largest any rank
+    asks for): a collective called more often on one rank than on another would wait forever."""
     import torch.distributed as dist
 
-    def sync() -> None:
+    def timed_calls(count: int) -> float:
+        dist.barrier()  # every rank starts together: the rate is the one a rank gets while the others work too
+        start = time.perf_counter()
+        for _ in range(count):
+            work()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
     work()
-    sync()
-    dist.barrier()  # every rank starts together: the rate is the one a rank gets while the others work too
-    calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < MIN_SECONDS:
-        work()
-        calls += 1
-        sync()
-    return (time.perf_counter() - start) / calls
+    wanted = torch.tensor([max(3, math.ceil(MIN_SECONDS / max(timed_calls(1), 1e-6)))], device=device)
+    dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
+    calls = int(wanted.item())
+    return timed_calls(calls) / calls
 
 
 def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
