@@ -1,4 +1,5 @@
-"""`meshyard` command line: launch, plan, validate, schema, submit, jobs, render, export, quantize, env, plot, runs.
+"""`meshyard` command line: launch, plan, calibrate, validate, schema, submit, jobs, render, export, quantize, env,
+plot, runs.
 
 Exit codes: 0 done; 2 bad input (one line `error: <field or file>: <what is allowed>`); 1 a rank
 failed or the job hung (each rank's error or where it was stuck); 75 preempted by SIGTERM after a
@@ -37,7 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     add_where(with_spec("launch", "train the job: start the processes and wait for them"))
-    add_where(with_spec("plan", "print the plan and exactly what a launch would run; starts nothing"))
+    plan = with_spec("plan", "print the plan, its per-rank memory/FLOPs/communication estimate and exactly what a"
+                             " launch would run; starts nothing")
+    add_where(plan)
+    plan.add_argument("--json", action="store_true", help="plan and estimate as JSON (bytes as integers), for scripts")
+    calibrate = commands.add_parser(
+        "calibrate", help="measure this machine's matmul FLOP/s per process and collective bandwidth, for the"
+                          " plan's predicted step time and the metrics' MFU",
+        description="start N processes on this machine, measure what one rank gets (matmul FLOP/s in fp32 and"
+                    " bf16, memory bandwidth, collective bandwidth over the backend) and store it per host in"
+                    " $XDG_CACHE_HOME/meshyard (default ~/.cache/meshyard)")
+    calibrate.add_argument("--procs", type=int, nargs="+", default=[2], metavar="N",
+                           help="world sizes to measure, e.g. --procs 1 2 4 (default 2); the plan uses its own")
+    calibrate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                           help="cpu (gloo) or cuda (nccl); auto: cuda if present")
     with_spec("validate", "check a spec file (fields, types, ranges, importable targets)")
     submit = with_spec("submit", "submit `meshyard launch SPEC --executor ray` as a Ray job; prints the job id")
     submit.add_argument("--address", default=None,
@@ -195,14 +209,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.planreport import plan_json, plan_text
     from launcher.session import prepare
 
     options, overrides = resolve_where(args)
     session = prepare(args.spec, overrides)
-    print(session.plan.describe())
-    print(f"run directory    {session.run_dir}")
-    print(f"{options.executor} executor would run:")
-    print(session.dry_run(options).render())
+    request = session.dry_run(options)
+    if args.json:
+        print(json.dumps(plan_json(session, request), indent=1, default=str))
+    else:
+        print(plan_text(session, request))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from launcher.calibrate import calibrate, describe
+    from launcher.plan import threads_per_rank
+    from launcher.profile import save_measured
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use cpu or auto")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    most = torch.cuda.device_count() if device == "cuda" else 256  # one GPU per rank
+    for procs in args.procs:
+        if not 1 <= procs <= most:
+            raise UserError(f"--procs {procs}: allowed 1 to {most}" + (" (one GPU per process)" if device == "cuda"
+                                                                        else ""))
+    for procs in args.procs:
+        measured = calibrate(procs, device, threads_per_rank(procs, []) if device == "cpu" else 1)
+        print(describe(measured))
+        print(f"wrote {save_measured(measured)}", flush=True)
     return 0
 
 
@@ -382,7 +420,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 COMMANDS = {"render": cmd_render, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export, "schema": cmd_schema,
             "env": cmd_env, "plot": cmd_plot, "runs": cmd_runs,
-            "validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch, "quantize": cmd_quantize}
+            "validate": cmd_validate, "plan": cmd_plan, "calibrate": cmd_calibrate, "launch": cmd_launch,
+            "quantize": cmd_quantize}
 
 
 if __name__ == "__main__":

@@ -120,5 +120,7 @@ def format_record(r: dict[str, Any]) -> str:
               f"{r['samples_per_s']:.0f} samples/s"]
     if "tokens_per_s" in r:
         parts.append(f"{r['tokens_per_s']:.0f} tokens/s")
+    if "mfu" in r:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
     parts.append(f"{1000 * r['step_time_s']:.1f} ms/step")
     return " | ".join(parts)

@@ -45,6 +45,7 @@ class Plan:
     model_state_theory: dict[str, float] = field(default_factory=dict)
     threads_per_rank: int = 1  # OMP_NUM_THREADS each rank gets
     allocator_env: dict[str, str] = field(default_factory=dict)  # malloc settings in every rank's environment
+    model_flops_per_step: int | None = None  # all ranks; set at launch from the estimate's trace (for MFU)
     inferred: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:
@@ -157,7 +158,7 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     check_trackers_installed(spec.observe)
     inferred += tracker_defaults(spec.observe)
     _check_profile(spec, world)
-    threads = _threads_per_rank(res.procs_per_node, inferred)
+    threads = threads_per_rank(res.procs_per_node, inferred)
     micro, accum = spec.data.micro_batch_size, spec.training.grad_accum_steps
     return Plan(
         world_size=world, nodes=res.nodes, procs_per_node=res.procs_per_node,
@@ -181,7 +182,7 @@ def _check_profile(spec: JobSpec, world: int) -> None:
                         f"={spec.training.max_steps}")
 
 
-def _threads_per_rank(procs_per_node: int, inferred: list[str]) -> int:
+def threads_per_rank(procs_per_node: int, inferred: list[str]) -> int:
     """The user's OMP_NUM_THREADS if set; else this machine's cores shared by its ranks (at least 1)."""
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:
@@ -248,7 +249,7 @@ def check_model_layout(spec: JobSpec, plan: Plan) -> None:
     sharded = plan.strategy == "zero" and plan.zero_stage in (2, 3)
     if layout is None and not sharded and spec.model.init == "constructor":
         return
-    model = _meta_model(spec)
+    model = meta_model(spec)
     if spec.model.init == "meta" and not callable(getattr(model, INIT_HOOK, None)):
         raise PlanError(f"model.init=meta: {type(model).__name__} ({spec.model.target}) declares no {INIT_HOOK}(module)"
                         " hook to initialize a meta-built model; add one, or use model.init: constructor")
@@ -264,7 +265,7 @@ def check_model_layout(spec: JobSpec, plan: Plan) -> None:
         _check_tensor_parallel(spec, layout, model)
 
 
-def _meta_model(spec: JobSpec) -> Any:
+def meta_model(spec: JobSpec) -> Any:
     import torch
 
     from launcher.components import model_factory
@@ -274,7 +275,7 @@ def _meta_model(spec: JobSpec) -> Any:
             return model_factory(spec.model)()
     except Exception as exc:  # a constructor that cannot run on the meta device
         raise PlanError(f"model.target={spec.model.target}: building it on the meta device (to check the layout"
-                        f" before launch) failed: {type(exc).__name__}: {exc}") from None
+                        f" and estimate the cost before launch) failed: {type(exc).__name__}: {exc}") from None
 
 
 def _check_pipeline(spec: JobSpec, layout: MeshLayout, model: Any, layers: tuple[str, Any] | None) -> None:

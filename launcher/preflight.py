@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from launcher.errors import SpecError
 from launcher.imports import check_kwargs, resolve
@@ -33,9 +34,10 @@ def check_component_kwargs(spec: JobSpec) -> None:
         check_kwargs(resolve(teacher.target, f"{field}.target"), teacher.target, teacher.kwargs, f"{field}.kwargs")
 
 
-def check_training_set(spec: JobSpec, plan: Plan) -> None:
+def check_training_set(spec: JobSpec, plan: Plan) -> Any:
     """The training set holds one global batch. Builds it once here (datasets are usually lazy: a
-    file list, a tensor), so its factory's own errors are one line too."""
+    file list, a tensor), so its factory's own errors are one line too; returns it (the plan's
+    estimate traces its first samples)."""
     try:
         train = resolve(spec.data.target, "data.target")(**spec.data.kwargs)
         size = len(train)
@@ -49,6 +51,7 @@ def check_training_set(spec: JobSpec, plan: Plan) -> None:
         raise SpecError("data", f"the training set has {size} items, fewer than one global batch of"
                                 f" {plan.global_batch_size} (`meshyard plan` shows how it is made up); lower"
                                 " data.micro_batch_size or training.grad_accum_steps")
+    return train
 
 
 def check_run_dir(output_dir: str, run_dir: Path) -> None:

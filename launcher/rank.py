@@ -87,5 +87,7 @@ def format_summary(summary: dict) -> str:
     for key, unit in (("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s")):
         if summary.get(key) is not None:
             parts.append(f"{summary[key]:.0f} {unit}")
+    if summary.get("mfu") is not None:
+        parts.append(f"MFU {100 * summary['mfu']:.1f}%")
     parts.append(f"checkpoint {summary['checkpoint']}")
     return " | ".join(parts)

@@ -1,9 +1,12 @@
 """Everything the CLI knows before starting processes: spec, plan, run directory, dry run."""
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from launcher.atomic import write_text_atomic
 from launcher.errors import UserError
@@ -12,11 +15,25 @@ from launcher.plan import Plan, check_model_layout, make_plan, plan_to_json
 from launcher.rundir import RunDir
 from launcher.spec import JobSpec, load_spec
 
+if TYPE_CHECKING:
+    from launcher.estimate import Estimate
+
 
 @dataclass(frozen=True)
 class Session:
     spec: JobSpec
     plan: Plan
+    train_set: Any = field(default=None, repr=False, compare=False)  # built once by the checks; the estimate reads it
+
+    @cached_property
+    def estimate(self) -> Estimate | str:
+        """What a step will cost each rank (launcher/estimate.py), or why it cannot be estimated."""
+        from launcher.estimate import EstimateUnavailable, build_estimate
+
+        try:
+            return build_estimate(self.spec, self.plan, self.train_set)
+        except EstimateUnavailable as exc:
+            return str(exc)
 
     @property
     def run_dir(self) -> Path:
@@ -79,7 +96,9 @@ class Session:
         planning again (the launchers of a multi-node job all write them at once)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.spec_path, json.dumps(self.spec.model_dump(mode="json", by_alias=True), indent=1))
-        write_text_atomic(RunDir(self.run_dir).plan, plan_to_json(self.plan))
+        flops = None if isinstance(self.estimate, str) else self.estimate.flops_per_step  # for the metrics' MFU
+        write_text_atomic(RunDir(self.run_dir).plan, plan_to_json(dataclasses.replace(self.plan,
+                                                                                      model_flops_per_step=flops)))
 
 
 def prepare(spec_file: str, overrides: list[str]) -> Session:
@@ -92,8 +111,8 @@ def prepare(spec_file: str, overrides: list[str]) -> Session:
     check_targets(spec)
     check_component_kwargs(spec)
     check_model_layout(spec, plan)
-    check_training_set(spec, plan)
-    session = Session(spec, plan)
+    train_set = check_training_set(spec, plan)
+    session = Session(spec, plan, train_set)
     check_run_dir(spec.output.dir, session.run_dir)
     return session
 

@@ -123,7 +123,9 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     agreement = StepAgreement(preemption)
     timer, stragglers = RankTimer(), StragglerWatch(spec.observe.straggler_threshold, device)
     elapsed, timed_steps, timed_tokens, step, preempted = 0.0, 0, 0, start_step, False
-    throughput = Throughput(layout.global_batch_size)  # the whole launch's, for the summary
+    flops = plan.model_flops_per_step  # the launcher's estimate; None when it could not trace the model
+    peak = all_ranks_peak_flops(plan, device, training.precision) if strategy.is_logging_rank and flops else None
+    throughput = Throughput(layout.global_batch_size, flops, peak)  # the whole launch's, for the summary
     for step in range(start_step + 1, end_step + 1):
         heartbeat.update(step - 1, "step")
         profiler.step_begins(step)
@@ -173,6 +175,10 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             }
             if timed_tokens:  # token inputs: every data-parallel rank's micro-batches hold as many
                 record["tokens_per_s"] = timed_tokens / elapsed
+            if flops:
+                record["model_flops_per_step"] = flops
+                if peak:
+                    record["mfu"] = flops * timed_steps / elapsed / peak
             if eval_due:
                 heartbeat.update(step, "eval")
                 record.update(evaluate())
@@ -201,6 +207,7 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
         "final_loss": record.get("loss"), "eval_loss": record.get("eval_loss"),
         "eval_accuracy": record.get("eval_accuracy"), "eval_perplexity": record.get("eval_perplexity"),
         "global_batch_size": layout.global_batch_size, "world_size": ranks.world_size, **throughput.rates(),
+        "model_flops_per_step": flops,
         "wall_s": time.perf_counter() - started, "startup_s": clock.phases, **memory_by_rank,
         "checkpoint": str(find_latest(files.checkpoints)),
         **compression.finish(run_dir, ranks.rank),
@@ -225,11 +232,24 @@ def checkpoint_due(spec: JobSpec, step: int, end_step: int) -> bool:
     return step == end_step and (spec.checkpoint.final or end_step != spec.training.max_steps)
 
 
+def all_ranks_peak_flops(plan: Plan, device: torch.device, precision: str) -> float | None:
+    """The world's peak FLOP/s that MFU divides by: a GPU's datasheet number, or this host's calibrated
+    matmul rate per process on CPU (launcher/profile.py); None when unknown."""
+    from launcher.profile import peak_flops_per_s
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_flops_per_s(name, precision, plan.backend, plan.world_size)
+    return None if peak is None else peak[0] * plan.world_size
+
+
 @dataclass
 class Throughput:
-    """Samples (and token positions, for token inputs) per second over a launch's trained steps."""
+    """Samples (and token positions, for token inputs) per second over a launch's trained steps, and
+    the model FLOP utilization when the FLOPs per step and the peak are known."""
 
     global_batch_size: int
+    flops_per_step: int | None = None
+    peak_flops_per_s: float | None = None  # all ranks together
     seconds: float = 0.0
     steps: int = 0
     tokens: int = 0
@@ -239,9 +259,11 @@ class Throughput:
 
     def rates(self) -> dict[str, float | None]:
         if not self.seconds:
-            return {"samples_per_s": None, "tokens_per_s": None}
+            return {"samples_per_s": None, "tokens_per_s": None, "mfu": None}
+        flops, peak = self.flops_per_step, self.peak_flops_per_s
         return {"samples_per_s": self.global_batch_size * self.steps / self.seconds,
-                "tokens_per_s": self.tokens / self.seconds if self.tokens else None}
+                "tokens_per_s": self.tokens / self.seconds if self.tokens else None,
+                "mfu": flops * self.steps / self.seconds / peak if flops and peak else None}
 
 
 def _memory(strategy: Strategy) -> dict[str, int]:

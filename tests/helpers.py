@@ -163,7 +163,7 @@ def wait_for_step(run: Path, step: int, timeout: float = 120.0) -> int:
 
 
 # Fields that measure the machine or the process, not the training: never equal between two runs.
-NOT_REPRODUCIBLE = ("samples_per_s", "tokens_per_s", "step_time_s", "peak_rss_bytes", "rss_before_model_bytes",
+NOT_REPRODUCIBLE = ("samples_per_s", "tokens_per_s", "mfu", "step_time_s", "peak_rss_bytes", "rss_before_model_bytes",
                     "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", *STRAGGLER_FIELDS)
 
 

@@ -1,0 +1,150 @@
+"""`meshyard plan`'s estimate: FLOPs against the analytic count, parameters per rank after each kind of
+sharding, pipeline in-flight micro-batches, the JSON form, and the predicted step time. No processes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.cli import main
+from launcher.estimate import build_estimate
+from launcher.profile import Measured, load_measured, peak_flops_per_s, save_measured
+from launcher.session import prepare
+from launcher.steptime import predict_step_time
+from tests.helpers import make_spec
+
+V, D, L, T = 32, 64, 2, 128  # attention is ~25% of this transformer's FLOPs at this sequence length
+
+
+def transformer_spec(tmp_path, name="lm", seq_len=T, micro=4, **sections):
+    return make_spec(tmp_path, name,
+                     model={"target": "launcher.models:transformer",
+                            "kwargs": {"vocab_size": V, "dim": D, "n_heads": 4, "n_layers": L, "max_len": seq_len}},
+                     data={"target": "launcher.data:char_corpus", "kwargs": {"n": 64, "seq_len": seq_len},
+                           "micro_batch_size": micro},
+                     loss="token_cross_entropy", optimizer={"name": "adam", "lr": 1e-3}, **sections)
+
+
+def estimate_of(spec_path, *overrides):
+    session = prepare(str(spec_path), list(overrides))
+    return session.plan, build_estimate(session.spec, session.plan, session.train_set)
+
+
+def block_params(width_share: int = 1) -> int:
+    """One Block of the built-in transformer on tensor-parallel rank 0 of `width_share` ranks:
+    q/k/v/fc1 split with their biases, o/fc2 split without theirs, layer norms whole."""
+    s = width_share
+    return 2 * 2 * D + 3 * (D * D + D) // s + (D * D // s + D) + (4 * D * D + 4 * D) // s + (4 * D * D // s + D)
+
+
+def test_transformer_flops_match_6_params_tokens_plus_attention(tmp_path):
+    spec = transformer_spec(tmp_path, resources={"procs_per_node": 2}, training={"max_steps": 1, "grad_accum_steps": 2})
+    plan, estimate = estimate_of(spec)
+    embeddings = V * D + T * D  # lookups, no matmul
+    tokens = plan.global_batch_size * T
+    analytic = 6 * (estimate.total_params - embeddings) * tokens + 12 * L * D * T * tokens  # Kaplan et al.
+    assert estimate.flops_per_step == pytest.approx(analytic, rel=0.10)
+    assert sum(rank.flops_per_step for rank in estimate.ranks) * plan.dp_degree == estimate.flops_per_step
+
+
+def test_parameters_per_rank_follow_each_sharding(tmp_path):
+    spec = transformer_spec(tmp_path, seq_len=32, resources={"procs_per_node": 2}, training={"max_steps": 1})
+    total = V * D + 32 * D + L * block_params() + 2 * D + D * V + V
+    _, ddp = estimate_of(spec)
+    assert ddp.total_params == total and ddp.ranks[0].params == total
+    assert ddp.ranks[0].param_bytes == 4 * total and ddp.ranks[0].optimizer_bytes == 8 * total  # fp32 Adam
+    assert ddp.ranks[0].collective_bytes == {"all_reduce": 4 * total}
+
+    _, tp = estimate_of(spec, "parallel.tensor=2")
+    assert tp.ranks[0].params == V * D + 32 * D + L * block_params(2) + 2 * D + D * V + V
+
+    _, pp = estimate_of(spec, "parallel.pipeline=2")
+    assert [r.params for r in pp.ranks] == [V * D + 32 * D + block_params(), block_params() + 2 * D + D * V + V]
+
+    _, zero3 = estimate_of(spec, "strategy.name=zero", "strategy.stage=3")
+    # FSDP2 keeps torch.chunk(p, 2, dim=0)[0] of every parameter: the larger half of dim 0
+    shapes = [(p.shape[0] + 1) // 2 * p[0].numel() if p.ndim else 1 for p in _meta_parameters(spec)]
+    assert zero3.ranks[0].params == sum(shapes) < total
+    assert zero3.ranks[0].optimizer_bytes == 8 * sum(shapes)
+    assert set(zero3.ranks[0].collective_bytes) == {"all_gather", "reduce_scatter"}
+
+
+def _meta_parameters(spec_path):
+    from launcher.plan import meta_model
+
+    return list(meta_model(prepare(str(spec_path), []).spec).parameters())
+
+
+def test_pipeline_ranks_hold_the_schedules_in_flight_micro_batches(tmp_path):
+    spec = transformer_spec(tmp_path, seq_len=32, micro=8, resources={"procs_per_node": 2}, training={"max_steps": 1},
+                            parallel={"pipeline": 2, "microbatches": 4})
+    _, gpipe = estimate_of(spec, "parallel.schedule=gpipe")
+    _, one_f_one_b = estimate_of(spec, "parallel.schedule=1f1b")
+    assert [r.micro_batches_in_flight for r in gpipe.ranks] == [4, 4]  # every micro-batch forward before any backward
+    assert [r.micro_batches_in_flight for r in one_f_one_b.ranks] == [2, 1]  # p - stage
+    assert gpipe.traced_samples == 2  # one pipeline micro-batch
+    assert [g.activation_bytes for g in gpipe.ranks] == [2 * o.activation_bytes for o in one_f_one_b.ranks[:1]] + [
+        4 * one_f_one_b.ranks[1].activation_bytes]
+
+
+def test_gradients_count_on_top_of_activations_only_when_they_outlive_a_micro_batch(tmp_path):
+    spec = make_spec(tmp_path, resources={"procs_per_node": 2}, training={"max_steps": 1})
+    (_, one), (_, two) = estimate_of(spec), estimate_of(spec, "training.grad_accum_steps=2")
+    for rank, live in ((one.ranks[0], max), (two.ranks[0], lambda a, g: a + g)):
+        assert rank.activation_bytes and rank.grad_bytes
+        assert rank.peak_bytes == rank.param_bytes + rank.optimizer_bytes + rank.buffer_bytes + live(
+            rank.activation_bytes, rank.grad_bytes)
+
+
+def test_plan_prints_counts_and_bytes_per_rank_and_json_has_integer_bytes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no machine profile
+    spec = make_spec(tmp_path, resources={"procs_per_node": 2}, strategy={"name": "zero", "stage": 2})
+    assert main(["plan", str(spec)]) == 0
+    text = capsys.readouterr().out
+    assert "parameters       433 in the model" in text
+    assert "every rank       225 params: params 900 B" in text  # dim 0 halved, rounded up per tensor
+    assert "run `meshyard calibrate --procs 2`" in text
+
+    assert main(["plan", str(spec), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    estimate = report["estimate"]
+    rank = estimate["ranks"][0]
+    sizes = [v for k, v in rank.items() if k.endswith("_bytes") and k != "collective_bytes"]
+    sizes += list(rank["collective_bytes"].values())
+    assert sizes and all(type(v) is int for v in sizes)
+    assert type(estimate["predicted_peak_bytes_per_rank"]) is int
+    assert estimate["predicted_peak_bytes_per_rank"] == rank["peak_bytes"] > rank["param_bytes"] + rank["grad_bytes"]
+    assert report["plan"]["strategy"] == "zero" and "calibrate" in report["step_time"]["unavailable"]
+
+
+def test_profile_round_trip_gpu_peaks_and_step_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    measured = Measured(backend="gloo", world_size=2, threads_per_rank=1, device="cpu",
+                        matmul_flops_per_s={"fp32": 1e10, "bf16": 4e10}, memory_bytes_per_s=1e9,
+                        collective_bytes_per_s={"all_reduce": 1e8}, torch_version="x", measured_at="now")
+    assert save_measured(measured).parent == tmp_path / "cache" / "meshyard"
+    assert load_measured("gloo", 2) == measured and load_measured("gloo", 4) is None
+    assert peak_flops_per_s("cpu", "bf16", "gloo", 2) == (4e10, "calibrated (gloo/2, now)")
+    assert peak_flops_per_s("NVIDIA H100 80GB HBM3", "bf16", "nccl", 8)[0] == 989e12
+    assert peak_flops_per_s("NVIDIA A100-SXM4-40GB", "fp32", "nccl", 8)[0] == 19.5e12
+    assert peak_flops_per_s("Some New GPU", "bf16", "nccl", 8) is None
+
+    plan, estimate = estimate_of(make_spec(tmp_path, resources={"procs_per_node": 2}))
+    step = predict_step_time(estimate, plan, "fp32")
+    rank = estimate.ranks[0]
+    assert step.compute_s == pytest.approx(rank.flops_per_step / 1e10)
+    assert step.communication_s == pytest.approx(rank.collective_bytes["all_reduce"] / 1e8)
+    assert step.optimizer_s == pytest.approx((2 * rank.param_bytes + rank.grad_bytes + 2 * rank.optimizer_bytes) / 1e9)
+    assert step.predicted_step_time_s == pytest.approx(step.compute_s + step.communication_s + step.optimizer_s)
+
+
+@pytest.mark.parametrize("argv,message", [(["--procs", "0"], "error: --procs 0: allowed 1 to 256"),
+                                          (["--device", "cuda"], "error: --device cuda: no CUDA device is visible")])
+def test_calibrate_refuses_bad_arguments_in_one_line(capsys, argv, message):
+    import torch
+
+    if argv[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["calibrate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.splitlines()) == 1
