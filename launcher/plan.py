@@ -45,7 +45,6 @@ class Plan:
     model_state_theory: dict[str, float] = field(default_factory=dict)
     threads_per_rank: int = 1  # OMP_NUM_THREADS each rank gets
     allocator_env: dict[str, str] = field(default_factory=dict)  # malloc settings in every rank's environment
-    model_flops_per_step: int | None = None  # all ranks; set at launch from the estimate's trace (for MFU)
     inferred: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:

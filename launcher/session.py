@@ -1,7 +1,6 @@
 """Everything the CLI knows before starting processes: spec, plan, run directory, dry run."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -96,9 +95,7 @@ class Session:
         planning again (the launchers of a multi-node job all write them at once)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.spec_path, json.dumps(self.spec.model_dump(mode="json", by_alias=True), indent=1))
-        flops = None if isinstance(self.estimate, str) else self.estimate.flops_per_step  # for the metrics' MFU
-        write_text_atomic(RunDir(self.run_dir).plan, plan_to_json(dataclasses.replace(self.plan,
-                                                                                      model_flops_per_step=flops)))
+        write_text_atomic(RunDir(self.run_dir).plan, plan_to_json(self.plan))
 
 
 def prepare(spec_file: str, overrides: list[str]) -> Session:

@@ -123,8 +123,11 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
     agreement = StepAgreement(preemption)
     timer, stragglers = RankTimer(), StragglerWatch(spec.observe.straggler_threshold, device)
     elapsed, timed_steps, timed_tokens, step, preempted = 0.0, 0, 0, start_step, False
-    flops = plan.model_flops_per_step  # the launcher's estimate; None when it could not trace the model
-    peak = all_ranks_peak_flops(plan, device, training.precision) if strategy.is_logging_rank and flops else None
+    # MFU's numerator is traced (on meta tensors) only where its denominator is known: a GPU's datasheet
+    # peak or a calibrated CPU (meshyard calibrate). The trace costs ~1-2 s, so it runs on the logging
+    # rank, and not in the launcher, which would add it to every launch's start-up.
+    peak = all_ranks_peak_flops(plan, device, training.precision) if strategy.is_logging_rank else None
+    flops = model_flops_per_step(spec, plan, train_set) if peak else None
     throughput = Throughput(layout.global_batch_size, flops, peak)  # the whole launch's, for the summary
     for step in range(start_step + 1, end_step + 1):
         heartbeat.update(step - 1, "step")
@@ -230,6 +233,16 @@ def checkpoint_due(spec: JobSpec, step: int, end_step: int) -> bool:
     if every and step % every == 0:
         return True
     return step == end_step and (spec.checkpoint.final or end_step != spec.training.max_steps)
+
+
+def model_flops_per_step(spec: JobSpec, plan: Plan, train_set: Any) -> int | None:
+    """All ranks' model FLOPs per optimizer step from launcher/estimate.py's trace; None if it cannot trace."""
+    from launcher.estimate import EstimateUnavailable, build_estimate
+
+    try:
+        return build_estimate(spec, plan, train_set).flops_per_step
+    except EstimateUnavailable:
+        return None
 
 
 def all_ranks_peak_flops(plan: Plan, device: torch.device, precision: str) -> float | None:
