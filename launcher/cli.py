@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  rank {rank} (first to fail): " + error.replace("\n", "\n    "), file=sys.stderr)
             else:  # usually a consequence: it lost its peer
                 print(f"  rank {rank} (failed after it): {error.splitlines()[0]}", file=sys.stderr)
+        if exc.logs:
+            print(f"  each rank's full output: {exc.logs}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: every process of the job was stopped", file=sys.stderr)

@@ -26,10 +26,12 @@ class PlanError(UserError):
 
 
 class LaunchError(Exception):
-    """Some ranks failed. `failures` maps global rank -> a short description of its error."""
+    """Some ranks failed. `failures` maps global rank -> a short description of its error; `logs`
+    says where each rank's full output is (None: the executor keeps it elsewhere, e.g. Ray)."""
 
     exit_code = EXIT_RANK_FAILED
 
-    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+    def __init__(self, message: str, failures: dict[int, str] | None = None, logs: str | None = None) -> None:
         self.failures = failures or {}
+        self.logs = logs
         super().__init__(message)

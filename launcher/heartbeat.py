@@ -83,8 +83,9 @@ class Heartbeat:
             write_text_atomic(self.path, json.dumps(beat))
         except OSError as exc:
             if not self._failing:
-                print(f"rank {self.rank}: heartbeat write failed ({exc}); retrying every {INTERVAL_S:g} s",
-                      file=sys.stderr, flush=True)
+                # stdout: a rank's stderr goes to its log file, local rank 0's stdout to the console
+                print(f"warning: rank {self.rank}: heartbeat write failed ({exc}); retrying every {INTERVAL_S:g} s",
+                      flush=True)
             self._failing = True
         else:
             self._failing = False

@@ -8,6 +8,12 @@ Parent death (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere):
   exec, through a preexec_fn on torch elastic's Popen): an agent killed outright leaves no rank
   training unsupervised.
 
+Quiet about ranks: a failed rank is the launcher's to report (launcher/executors/process.py, from the
+ranks' error files), so the agent's own account of it (its log lines about stopping ranks, and the
+ChildFailedError table with every rank's traceback) is not printed. A rank that died without a
+Python error (a signal: segfault, out-of-memory kill) writes no error file; the agent writes one for
+it from the exit status it saw (note_deaths), so the launcher's summary names that rank too.
+
 Loopback stores: torch's TCPStore listens on every interface whatever host name it is given. Here a
 store server whose host is a loopback address (the single-node rendezvous at 127.0.0.1, the agent
 store that MASTER_ADDR/MASTER_PORT name, torchrun's --local-addr=127.0.0.1) is handed a listening
@@ -19,16 +25,23 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import ipaddress
+import json
+import logging
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from launcher.executors.failures import attempts
 from launcher.procs import die_with_parent
+from launcher.worker import GLOBAL_RANK_FILE
 
+ELASTIC_CHILDREN = "torch.distributed.elastic.multiprocessing"
 STORE_ARGS = ("host_name", "port", "world_size", "is_master", "timeout", "wait_for_workers", "multi_tenant",
               "master_listen_fd", "use_libuv")
 
@@ -41,6 +54,24 @@ def become_agent(launcher_pid: int) -> None:
         os._exit(1)
     _ranks_die_with_the_agent()
     _loopback_stores()
+    _quiet_about_ranks()
+
+
+def note_deaths(failures: dict[int, Any], log_dir: Path, since: float) -> None:
+    """An error file (torch elastic's format, as the rank's @record would write it) for each failed
+    rank of the newest attempt under `log_dir` that has none. `failures` is ChildFailedError.failures
+    (global rank -> ProcessFailure; its error_file is '<N/A>' for a rank that wrote none)."""
+    started = attempts(log_dir, since)
+    for rank, failure in failures.items():
+        rank_dir = started[-1] / str(failure.local_rank) if started else None
+        if rank_dir is None or not rank_dir.is_dir() or (rank_dir / "error.json").exists():
+            continue
+        how = (f"killed by signal {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        message = {"message": f"{how} without a Python error (PID {failure.pid})",
+                   "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}}
+        (rank_dir / "error.json").write_text(json.dumps({"message": message, "exitcode": failure.exitcode}))
+        (rank_dir / GLOBAL_RANK_FILE).write_text(str(rank))
 
 
 def is_loopback(host: str) -> bool:
@@ -105,6 +136,13 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
         self.patch(module)
+
+
+def _quiet_about_ranks() -> None:
+    """Silence torch elastic's child-process loggers (each module's logger has its own level)."""
+    for name in [ELASTIC_CHILDREN, *logging.root.manager.loggerDict]:
+        if name.startswith(ELASTIC_CHILDREN):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def _loopback_stores() -> None:

@@ -220,8 +220,8 @@ def test_a_disk_full_window_does_not_end_a_healthy_job(tmp_path):
                              "10", "2.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.splitlines()[-1])
-    assert outcome["returncode"] == 0, outcome["stderr_tail"]
-    assert "heartbeat write failed (" in outcome["stderr_tail"]  # the window really hit the run
+    assert outcome["returncode"] == 0, outcome["output_tail"]
+    assert "heartbeat write failed (" in outcome["output_tail"]  # the window really hit the run
     assert outcome["steps"] == list(range(1, steps + 1))  # no record lost or repeated
 
 
