@@ -12,7 +12,8 @@ Quiet about ranks: a failed rank is the launcher's to report (launcher/executors
 ranks' error files), so the agent's own account of it (its log lines about stopping ranks, and the
 ChildFailedError table with every rank's traceback) is not printed. A rank that died without a
 Python error (a signal: segfault, out-of-memory kill) writes no error file; the agent writes one for
-it from the exit status it saw (note_deaths), so the launcher's summary names that rank too.
+it from the exit status it saw (note_deaths), at each failure (a restart too), so the launcher's
+report names that rank.
 
 Loopback stores: torch's TCPStore listens on every interface whatever host name it is given. Here a
 store server whose host is a loopback address (the single-node rendezvous at 127.0.0.1, the agent
@@ -37,7 +38,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from launcher.executors.failures import attempts
+from launcher.executors.failures import AGENT_NOTE, TRACE_LINES
 from launcher.procs import die_with_parent
 from launcher.worker import GLOBAL_RANK_FILE
 
@@ -55,23 +56,43 @@ def become_agent(launcher_pid: int) -> None:
     _ranks_die_with_the_agent()
     _loopback_stores()
     _quiet_about_ranks()
+    _name_the_dead()
 
 
-def note_deaths(failures: dict[int, Any], log_dir: Path, since: float) -> None:
-    """An error file (torch elastic's format, as the rank's @record would write it) for each failed
-    rank of the newest attempt under `log_dir` that has none. `failures` is ChildFailedError.failures
-    (global rank -> ProcessFailure; its error_file is '<N/A>' for a rank that wrote none)."""
-    started = attempts(log_dir, since)
+def note_deaths(failures: dict[int, Any], error_files: dict[int, str]) -> None:
+    """An error file (torch elastic's format, as the rank's @record writes it, plus the exit code) for
+    each failed rank that left none. `failures`: global rank -> ProcessFailure (as the agent's
+    RunResult has them); `error_files`: local rank -> where that rank's error file goes."""
     for rank, failure in failures.items():
-        rank_dir = started[-1] / str(failure.local_rank) if started else None
-        if rank_dir is None or not rank_dir.is_dir() or (rank_dir / "error.json").exists():
+        error_file = Path(error_files[failure.local_rank])
+        if error_file.exists() or not error_file.parent.is_dir():
             continue
         how = (f"killed by signal {failure.signal_name()}" if failure.exitcode < 0
-               else f"exited with code {failure.exitcode}")
-        message = {"message": f"{how} without a Python error (PID {failure.pid})",
-                   "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}}
-        (rank_dir / "error.json").write_text(json.dumps({"message": message, "exitcode": failure.exitcode}))
-        (rank_dir / GLOBAL_RANK_FILE).write_text(str(rank))
+               else f"exited with code {failure.exitcode} without an error report")
+        headline = f"{how} (PID {failure.pid})"
+        stack = "\n".join([*crash_frames(error_file.parent / "stderr.log"), headline])
+        message = {"message": headline, "extraInfo": {"py_callstack": stack, "timestamp": str(int(time.time()))}}
+        error_file.write_text(json.dumps({"message": message, AGENT_NOTE: failure.exitcode}))
+        (error_file.parent / GLOBAL_RANK_FILE).write_text(str(rank))
+
+
+def crash_frames(stderr_log: Path, tail_bytes: int = 65536) -> list[str]:
+    """The crashed thread's innermost Python frames, outermost first as in a traceback, from the dump
+    that faulthandler (enabled by torch's @record in every rank) wrote to the rank's stderr.log on a
+    fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL); none for SIGKILL."""
+    try:
+        with stderr_log.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - tail_bytes))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return []
+    _, found, dump = text.rpartition("Current thread ")
+    frames = []
+    for line in dump.splitlines()[1:] if found else []:
+        if not line.startswith("  File "):
+            break
+        frames.append(line)
+    return frames[:TRACE_LINES][::-1]
 
 
 def is_loopback(host: str) -> bool:
@@ -143,6 +164,25 @@ def _quiet_about_ranks() -> None:
     for name in [ELASTIC_CHILDREN, *logging.root.manager.loggerDict]:
         if name.startswith(ELASTIC_CHILDREN):
             logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def _name_the_dead() -> None:
+    """note_deaths each time the agent finds failed ranks, before it restarts or stops the group."""
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+
+    def monitor_and_note(agent: LocalElasticAgent, worker_group: Any) -> Any:
+        result = monitor(agent, worker_group)
+        if result.state == WorkerState.FAILED and agent._pcontext is not None:
+            try:
+                note_deaths(result.failures, agent._pcontext.error_files)
+            except OSError:  # a full disk: the report then lacks the rank, the agent goes on
+                pass
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor_and_note  # type: ignore[method-assign]
 
 
 def _loopback_stores() -> None:

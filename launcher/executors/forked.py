@@ -18,17 +18,15 @@ import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 
 class ForkedCommand:
-    """A Popen-like handle (pid, poll, wait) on `argv` = (python, "-m", module, *args) run in a fork;
-    `log_dir` is torch elastic's (--log-dir), where the ranks' error files go."""
+    """A Popen-like handle (pid, poll, wait) on `argv` = (python, "-m", module, *args) run in a fork."""
 
-    def __init__(self, argv: tuple[str, ...], env: dict[str, str], log_dir: str) -> None:
+    def __init__(self, argv: tuple[str, ...], env: dict[str, str]) -> None:
         if len(argv) < 3 or argv[1] != "-m":
             raise ValueError(f"not a `python -m` command: {argv[:3]}")
         sys.stdout.flush()
@@ -37,7 +35,7 @@ class ForkedCommand:
         launcher = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
-            os._exit(_run_module(argv[2], list(argv[3:]), env, launcher, Path(log_dir)))
+            os._exit(_run_module(argv[2], list(argv[3:]), env, launcher))
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -55,8 +53,8 @@ class ForkedCommand:
         return code
 
 
-def _run_module(module: str, args: list[str], env: dict[str, str], launcher: int, log_dir: Path) -> int:
-    code, started = 1, time.time()
+def _run_module(module: str, args: list[str], env: dict[str, str], launcher: int) -> int:
+    code = 1
     try:
         os.setsid()
         from launcher.executors.agent import become_agent
@@ -69,10 +67,8 @@ def _run_module(module: str, args: list[str], env: dict[str, str], launcher: int
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except ChildFailedError as exc:  # ranks failed: the launcher reports them from their error files
-        from launcher.executors.agent import note_deaths
-
-        note_deaths(exc.failures, log_dir, started)
+    except ChildFailedError:  # ranks failed: the launcher reports them from their error files, not this table
+        pass
     except SignalException as exc:  # torch elastic's agent was told to stop (by the launcher): no traceback
         code = 128 + int(exc.sigval)
     except BaseException as exc:  # what the interpreter would print for an uncaught exception

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from launcher.errors import LaunchError
-from launcher.executors.failures import RestartNotices, attempts, collect_failures, rank_logs
+from launcher.executors.failures import Failure, RestartNotices, newest_attempt, read_failures, where_logs_are
 from launcher.executors.forked import ForkedCommand
 from launcher.executors.request import LaunchRequest
 from launcher.heartbeat import HangWatch, diagnose, frozen_ranks, hang_report, read_heartbeats
@@ -39,8 +39,7 @@ def run_process_tree(request: LaunchRequest) -> None:
         LAUNCH_SIGNALS.raise_if_signalled()  # the last moment a signal stops the launch before it starts anything
         relayed: set[int] = set()
         LAUNCH_SIGNALS.relay = lambda: _relay_preemption(token, heartbeats, relayed)  # from here SIGTERM goes to ranks
-        # = the printed command, minus a Python start and a torch import
-        proc = ForkedCommand(request.argv, request.env, request.log_dir)
+        proc = ForkedCommand(request.argv, request.env)  # = the printed command, minus a Python start and torch import
         code = _wait(proc, request, started)
     except KeyboardInterrupt:
         if proc is not None:
@@ -51,18 +50,15 @@ def run_process_tree(request: LaunchRequest) -> None:
         if adopted:
             adopt_orphans(False)
     if code != 0:
-        failures = collect_failures(Path(request.log_dir), since=started)
-        logs = _logs(request, started)
+        attempt = newest_attempt(Path(request.log_dir), started)
+        failures = read_failures(attempt) if attempt else []
         if _timed_out(failures) and frozen_ranks(beats := read_heartbeats(heartbeats)):
             # the process group's timeout fired before the watch decided: blame the rank that stopped, not its peers
             raise LaunchError(f"the job hung: a collective timed out after {request.hang_timeout_s:g} s"
-                              " (training.collective_timeout_s); stopped every process", diagnose(beats), logs)
-        raise LaunchError(f"the job failed ({request.executor} exit code {code})", failures, logs)
-
-
-def _logs(request: LaunchRequest, started: float) -> str | None:
-    started_groups = attempts(Path(request.log_dir), started)
-    return rank_logs(started_groups[-1]) if started_groups else None
+                              " (training.collective_timeout_s); stopped every process", diagnose(beats),
+                              where_logs_are(attempt, []))
+        raise LaunchError(f"the job failed ({request.executor} exit code {code})",
+                          {failure.rank: failure.text for failure in failures}, where_logs_are(attempt, failures))
 
 
 def _wait(proc: ForkedCommand, request: LaunchRequest, started: float) -> int:
@@ -80,7 +76,7 @@ def _wait(proc: ForkedCommand, request: LaunchRequest, started: float) -> int:
             raise LaunchError(
                 f"the job hung: a rank waited {watch.watch_s:g} s for its peers, or none progressed for"
                 f" {request.hang_timeout_s:g} s (training.collective_timeout_s {request.hang_timeout_s:g} s);"
-                " stopped every process", report, _logs(request, started))
+                " stopped every process", report, where_logs_are(newest_attempt(Path(request.log_dir), started), []))
     return code
 
 
@@ -105,5 +101,5 @@ def _relay_preemption(token: str, heartbeats: Path, relayed: set[int]) -> None:
                 pass
 
 
-def _timed_out(failures: dict[int, str]) -> bool:
-    return any("timed out" in text.lower() or "timeout" in text.lower() for text in failures.values())
+def _timed_out(failures: list[Failure]) -> bool:
+    return any("timed out" in failure.text.lower() or "timeout" in failure.text.lower() for failure in failures)
