@@ -155,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        for index, (rank, error) in enumerate(exc.failures.items()):
-            if index == 0:
-                print(f"  rank {rank} (first to fail): " + error.replace("\n", "\n    "), file=sys.stderr)
-            else:  # usually a consequence: it lost its peer
-                print(f"  rank {rank} (failed after it): {error.splitlines()[0]}", file=sys.stderr)
+        print("\n".join([f"error: {exc}", *exc.report()]), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: every process of the job was stopped", file=sys.stderr)
@@ -248,11 +243,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
     LAUNCH_SIGNALS.install()  # first: a SIGTERM/Ctrl-C at any later moment keeps the exit-code contract
     from launcher.runlock import hold_run, lock_file
     from launcher.session import prepare
-    from launcher.startup import LAUNCHED_AT_ENV
+    from launcher.startup import LAUNCHED_AT_ENV, process_started_at
 
     started = time.time()
-    # Every executor's ranks time their start-up from here (or from an outer tool's clock, e.g. a benchmark).
-    os.environ.setdefault(LAUNCHED_AT_ENV, repr(started))
+    # Every executor's ranks time their start-up from the user's Enter: this process's start, so the
+    # interpreter's start and the imports count too (or from an outer tool's clock, e.g. a benchmark's).
+    os.environ.setdefault(LAUNCHED_AT_ENV, repr(process_started_at()))
     options, overrides = resolve_where(args)
     session = prepare(args.spec, overrides)
     # One launch per run: the lock is taken before anything of the run is read or written, and held through restarts.

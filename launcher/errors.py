@@ -26,10 +26,30 @@ class PlanError(UserError):
 
 
 class LaunchError(Exception):
-    """Some ranks failed. `failures` maps global rank -> a short description of its error."""
+    """Some ranks failed. `failures` maps global rank -> a short description of its error (its first
+    line the exception, then the traceback's last lines), the root cause first; `logs` is a line
+    saying where each rank's full output is (None: the executor keeps it elsewhere, e.g. Ray)."""
 
     exit_code = EXIT_RANK_FAILED
+    LATER_SHOWN = 3  # ranks that failed after the first, one line each; more are counted, not listed
 
-    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+    def __init__(self, message: str, failures: dict[int, str] | None = None, logs: str | None = None) -> None:
         self.failures = failures or {}
+        self.logs = logs
         super().__init__(message)
+
+    def report(self) -> list[str]:
+        """The console lines under `error: <message>`: a few, whatever the world size."""
+        lines = []
+        for index, (rank, error) in enumerate(self.failures.items()):
+            headline, *trace = error.splitlines() or [""]
+            if index == 0:
+                lines += [f"  rank {rank} (first to fail): {headline}", *(f"    {line}" for line in trace)]
+            elif index <= self.LATER_SHOWN:  # usually a consequence: it lost its peer
+                lines.append(f"  rank {rank} (failed after it): {headline}")
+        later = list(self.failures)[self.LATER_SHOWN + 1 :]
+        if later:
+            lines.append(f"  and {len(later)} more rank(s) after it: {', '.join(map(str, later))}")
+        if self.logs:
+            lines.append(f"  {self.logs}")
+        return lines

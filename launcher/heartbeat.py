@@ -83,8 +83,7 @@ class Heartbeat:
             write_text_atomic(self.path, json.dumps(beat))
         except OSError as exc:
             if not self._failing:
-                print(f"rank {self.rank}: heartbeat write failed ({exc}); retrying every {INTERVAL_S:g} s",
-                      file=sys.stderr, flush=True)
+                _say(f"warning: rank {self.rank}: heartbeat write failed ({exc}); retrying every {INTERVAL_S:g} s")
             self._failing = True
         else:
             self._failing = False
@@ -99,6 +98,16 @@ class Heartbeat:
         if where != self._waiting:
             self._waiting, self._waiting_since = where, now
         return now - self._waiting_since
+
+
+def _say(line: str) -> None:
+    """On stdout: local rank 0's reaches the console (a rank's stderr, and the other ranks' stdout, go
+    to its log file under the run directory, launcher/executors/local.py). That file may be on the
+    disk that is full: the line is then lost, not the heartbeat thread."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        pass
 
 
 def innermost_frames(frame: FrameType | None, limit: int = 8) -> list[str]:

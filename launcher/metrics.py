@@ -45,8 +45,8 @@ class MetricsLogger:
         # On resume, drop records past the checkpoint so the file reads as one uninterrupted run.
         kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
         self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        if sys.stderr.isatty():
-            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if sys.stdout.isatty():  # stdout: a rank's stderr goes to its log file (launcher/executors/local.py)
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
 
     def advance(self) -> None:
         if self.bar is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from launcher.errors import UserError
-from launcher.executors.local import loopback_collectives, rank_threads, worker_command
+from launcher.executors.local import loopback_collectives, rank_redirects, rank_threads, worker_command
 from launcher.executors.process import run_process_tree
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
 from launcher.rundir import RunDir
@@ -84,7 +84,7 @@ class AccelerateExecutor:
             sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", config_path,
             "--num_processes", str(plan.world_size), "--num_machines", str(plan.nodes),
             "--machine_rank", str(options.node_rank), "--max_restarts", str(job.max_restarts),
-            "--monitor_interval", "0.5",
+            "--monitor_interval", "0.5", "--log_dir", str(RunDir(job.run_dir).logs),
         )
         if plan.nodes > 1:
             if not options.rdzv_endpoint:
@@ -94,8 +94,9 @@ class AccelerateExecutor:
         else:  # a free port (29500 would collide with another run), on 127.0.0.1 (torchrun's default address)
             argv += ("--main_process_port", "0")
         argv += worker
+        # torchrun's --redirects (not an `accelerate launch` option: its torchrun parser reads PET_REDIRECTS)
         env = {**rank_threads(plan.threads_per_rank), **plan.allocator_env, **loopback_collectives(plan.nodes),
-               "PET_LOG_DIR": str(RunDir(job.run_dir).logs)}  # torchrun's --log-dir
+               "PET_REDIRECTS": rank_redirects(plan.procs_per_node)}
         if plan.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "1"
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank",

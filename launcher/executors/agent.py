@@ -8,6 +8,13 @@ Parent death (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere):
   exec, through a preexec_fn on torch elastic's Popen): an agent killed outright leaves no rank
   training unsupervised.
 
+Quiet about ranks: a failed rank is the launcher's to report (launcher/executors/process.py, from the
+ranks' error files), so the agent's own account of it (its log lines about stopping ranks, and the
+ChildFailedError table with every rank's traceback) is not printed. A rank that died without a
+Python error (a signal: segfault, out-of-memory kill) writes no error file; the agent writes one for
+it from the exit status it saw (note_deaths), at each failure (a restart too), so the launcher's
+report names that rank.
+
 Loopback stores: torch's TCPStore listens on every interface whatever host name it is given. Here a
 store server whose host is a loopback address (the single-node rendezvous at 127.0.0.1, the agent
 store that MASTER_ADDR/MASTER_PORT name, torchrun's --local-addr=127.0.0.1) is handed a listening
@@ -19,16 +26,23 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import ipaddress
+import json
+import logging
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from launcher.executors.failures import AGENT_NOTE, TRACE_LINES
 from launcher.procs import die_with_parent
+from launcher.worker import GLOBAL_RANK_FILE
 
+ELASTIC_CHILDREN = "torch.distributed.elastic.multiprocessing"
 STORE_ARGS = ("host_name", "port", "world_size", "is_master", "timeout", "wait_for_workers", "multi_tenant",
               "master_listen_fd", "use_libuv")
 
@@ -41,6 +55,44 @@ def become_agent(launcher_pid: int) -> None:
         os._exit(1)
     _ranks_die_with_the_agent()
     _loopback_stores()
+    _quiet_about_ranks()
+    _name_the_dead()
+
+
+def note_deaths(failures: dict[int, Any], error_files: dict[int, str]) -> None:
+    """An error file (torch elastic's format, as the rank's @record writes it, plus the exit code) for
+    each failed rank that left none. `failures`: global rank -> ProcessFailure (as the agent's
+    RunResult has them); `error_files`: local rank -> where that rank's error file goes."""
+    for rank, failure in failures.items():
+        error_file = Path(error_files[failure.local_rank])
+        if error_file.exists() or not error_file.parent.is_dir():
+            continue
+        how = (f"killed by signal {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode} without an error report")
+        headline = f"{how} (PID {failure.pid})"
+        stack = "\n".join([*crash_frames(error_file.parent / "stderr.log"), headline])
+        message = {"message": headline, "extraInfo": {"py_callstack": stack, "timestamp": str(int(time.time()))}}
+        error_file.write_text(json.dumps({"message": message, AGENT_NOTE: failure.exitcode}))
+        (error_file.parent / GLOBAL_RANK_FILE).write_text(str(rank))
+
+
+def crash_frames(stderr_log: Path, tail_bytes: int = 65536) -> list[str]:
+    """The crashed thread's innermost Python frames, outermost first as in a traceback, from the dump
+    that faulthandler (enabled by torch's @record in every rank) wrote to the rank's stderr.log on a
+    fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL); none for SIGKILL."""
+    try:
+        with stderr_log.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - tail_bytes))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return []
+    _, found, dump = text.rpartition("Current thread ")
+    frames = []
+    for line in dump.splitlines()[1:] if found else []:
+        if not line.startswith("  File "):
+            break
+        frames.append(line)
+    return frames[:TRACE_LINES][::-1]
 
 
 def is_loopback(host: str) -> bool:
@@ -105,6 +157,32 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
         self.patch(module)
+
+
+def _quiet_about_ranks() -> None:
+    """Silence torch elastic's child-process loggers (each module's logger has its own level)."""
+    for name in [ELASTIC_CHILDREN, *logging.root.manager.loggerDict]:
+        if name.startswith(ELASTIC_CHILDREN):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def _name_the_dead() -> None:
+    """note_deaths each time the agent finds failed ranks, before it restarts or stops the group."""
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+
+    def monitor_and_note(agent: LocalElasticAgent, worker_group: Any) -> Any:
+        result = monitor(agent, worker_group)
+        if result.state == WorkerState.FAILED and agent._pcontext is not None:
+            try:
+                note_deaths(result.failures, agent._pcontext.error_files)
+            except OSError:  # a full disk: the report then lacks the rank, the agent goes on
+                pass
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor_and_note  # type: ignore[method-assign]
 
 
 def _loopback_stores() -> None:

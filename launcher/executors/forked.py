@@ -20,6 +20,7 @@ import traceback
 import warnings
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 
 class ForkedCommand:
@@ -66,6 +67,8 @@ def _run_module(module: str, args: list[str], env: dict[str, str], launcher: int
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except ChildFailedError:  # ranks failed: the launcher reports them from their error files, not this table
+        pass
     except SignalException as exc:  # torch elastic's agent was told to stop (by the launcher): no traceback
         code = 128 + int(exc.sigval)
     except BaseException as exc:  # what the interpreter would print for an uncaught exception

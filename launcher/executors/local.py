@@ -55,6 +55,14 @@ def rank_threads(threads_per_rank: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads_per_rank), "PYTHONUNBUFFERED": "1"}
 
 
+def rank_redirects(procs_per_node: int) -> str:
+    """torchrun's --redirects, per local rank: local rank 0's stdout (the step, resumed-from and done
+    lines) stays on the console; its stderr and all output of the other ranks go to
+    <log-dir>/<run id>/attempt_N/<local rank>/{stdout,stderr}.log. A failing rank's traceback (and
+    its peers') is then in those files, and the console shows the launcher's summary of it."""
+    return ",".join(f"{rank}:{2 if rank == 0 else 3}" for rank in range(procs_per_node))
+
+
 def loopback_collectives(nodes: int) -> dict[str, str]:
     """One node: the ranks' gloo/NCCL sockets on the loopback interface (by default gloo binds the
     address the host name resolves to, which may be a public one)."""
@@ -70,7 +78,7 @@ class LocalExecutor:
             sys.executable, "-m", "torch.distributed.run", *rendezvous_args(job, options),
             f"--nproc-per-node={job.plan.procs_per_node}", f"--max-restarts={job.max_restarts}",
             "--monitor-interval=0.5", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
-            f"--log-dir={RunDir(job.run_dir).logs}",
+            f"--log-dir={RunDir(job.run_dir).logs}", f"--redirects={rank_redirects(job.plan.procs_per_node)}",
             *worker,
         )
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank"}

@@ -6,25 +6,23 @@ heartbeats (launcher/heartbeat.py): a hung job is diagnosed (which rank is stuck
 and torn down before the process group's own timeout would blame the waiting ranks; and a SIGTERM
 the launcher received is relayed to each rank once it can take it (launcher/interrupts.py). When a
 rank fails, its exception (written by the worker's @record into the agent's log dir) comes back as
-a rank -> error map.
+a rank -> error map, with where each rank's full output is (launcher/executors/failures.py).
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.executors.failures import Failure, RestartNotices, newest_attempt, read_failures, where_logs_are
 from launcher.executors.forked import ForkedCommand
 from launcher.executors.request import LaunchRequest
 from launcher.heartbeat import HangWatch, diagnose, frozen_ranks, hang_report, read_heartbeats
 from launcher.interrupts import LAUNCH_SIGNALS
 from launcher.procs import adopt_orphans, kill_launch, launch_token, stop_tree, worker_pids
-from launcher.worker import GLOBAL_RANK_FILE
 
-TRACE_LINES = 4
 POLL_S = 0.5
 
 
@@ -42,7 +40,7 @@ def run_process_tree(request: LaunchRequest) -> None:
         relayed: set[int] = set()
         LAUNCH_SIGNALS.relay = lambda: _relay_preemption(token, heartbeats, relayed)  # from here SIGTERM goes to ranks
         proc = ForkedCommand(request.argv, request.env)  # = the printed command, minus a Python start and torch import
-        code = _wait(proc, request)
+        code = _wait(proc, request, started)
     except KeyboardInterrupt:
         if proc is not None:
             stop_tree(proc, token)
@@ -52,19 +50,24 @@ def run_process_tree(request: LaunchRequest) -> None:
         if adopted:
             adopt_orphans(False)
     if code != 0:
-        failures = collect_failures(Path(request.log_dir), since=started)
+        attempt = newest_attempt(Path(request.log_dir), started)
+        failures = read_failures(attempt) if attempt else []
         if _timed_out(failures) and frozen_ranks(beats := read_heartbeats(heartbeats)):
             # the process group's timeout fired before the watch decided: blame the rank that stopped, not its peers
             raise LaunchError(f"the job hung: a collective timed out after {request.hang_timeout_s:g} s"
-                              " (training.collective_timeout_s); stopped every process", diagnose(beats))
-        raise LaunchError(f"the job failed ({request.executor} exit code {code})", failures)
+                              " (training.collective_timeout_s); stopped every process", diagnose(beats),
+                              where_logs_are(attempt, []))
+        raise LaunchError(f"the job failed ({request.executor} exit code {code})",
+                          {failure.rank: failure.text for failure in failures}, where_logs_are(attempt, failures))
 
 
-def _wait(proc: ForkedCommand, request: LaunchRequest) -> int:
+def _wait(proc: ForkedCommand, request: LaunchRequest, started: float) -> int:
     heartbeats = Path(request.heartbeat_dir)
     watch = HangWatch(heartbeats, request.world_size, request.hang_timeout_s)
+    restarts = RestartNotices(Path(request.log_dir), started)
     while (code := proc.poll()) is None:
         time.sleep(POLL_S)
+        restarts.poll()
         if LAUNCH_SIGNALS.terminated and LAUNCH_SIGNALS.relay is not None:
             LAUNCH_SIGNALS.relay()  # ranks that started (or restarted) since the signal
         if watch.stalled():
@@ -73,7 +76,7 @@ def _wait(proc: ForkedCommand, request: LaunchRequest) -> int:
             raise LaunchError(
                 f"the job hung: a rank waited {watch.watch_s:g} s for its peers, or none progressed for"
                 f" {request.hang_timeout_s:g} s (training.collective_timeout_s {request.hang_timeout_s:g} s);"
-                " stopped every process", report)
+                " stopped every process", report, where_logs_are(newest_attempt(Path(request.log_dir), started), []))
     return code
 
 
@@ -98,40 +101,5 @@ def _relay_preemption(token: str, heartbeats: Path, relayed: set[int]) -> None:
                 pass
 
 
-def _timed_out(failures: dict[int, str]) -> bool:
-    return any("timed out" in text.lower() or "timeout" in text.lower() for text in failures.values())
-
-
-def collect_failures(log_dir: Path, since: float) -> dict[int, str]:
-    """rank -> 'ExcType: message' plus the last traceback lines, from the agent's error files.
-
-    Ordered by failure time: the first entry is the root cause, later ones are usually ranks that
-    lost their peer ("Connection closed by peer").
-    """
-    found: list[tuple[float, int, str]] = []
-    for error_file in log_dir.glob("*/attempt_*/*/error.json"):
-        when = error_file.stat().st_mtime  # finer than the file's own whole-second timestamp
-        if when < since:
-            continue
-        try:
-            payload = json.loads(error_file.read_text())["message"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(payload, dict):
-            message = str(payload.get("message", "")).strip()
-            stack = str(payload.get("extraInfo", {}).get("py_callstack", "")).strip().splitlines()
-        else:
-            message, stack = str(payload), []
-        tail = [line for line in stack[-TRACE_LINES - 1 : -1] if line.strip()]
-        headline = message.splitlines()[-1] if message else "?"
-        found.append((when, _global_rank(error_file), "\n".join([headline] + tail)))
-    return {rank: text for _, rank, text in sorted(found)}
-
-
-def _global_rank(error_file: Path) -> int:
-    """The rank the worker wrote next to its error file (launcher/worker.py); the local rank torchrun
-    filed it under when there is none (a rank that died before it could write)."""
-    try:
-        return int((error_file.parent / GLOBAL_RANK_FILE).read_text())
-    except (OSError, ValueError):
-        return int(error_file.parent.name)
+def _timed_out(failures: list[Failure]) -> bool:
+    return any("timed out" in failure.text.lower() or "timeout" in failure.text.lower() for failure in failures)

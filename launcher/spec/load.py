@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ PATTERN_HINTS = {
     "collate": 'expected an import path "module:callable"',
     "name": 'expected letters, digits, ".", "_" or "-" (it names the run directory)',
 }
+
+# `name:zero` read as a key: YAML separates a key from its value only by a colon AND a space, so
+# `{name:zero,stage:2}` is {"name:zero": null, "stage:2": null}. (Not `http://...`: a colon then a slash.)
+GLUED_KEY = re.compile(r"[A-Za-z_][\w.-]*:[^\s/:]\S*")
+SHOWN_PROBLEMS = 3
 
 # Caps that catch a typo (procs_per_node: 80000) before the launcher starts that many processes. They
 # are checked where a spec file is loaded, not in the schema, so ranks re-reading spec.json never
@@ -65,7 +71,30 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     raw = parse_yaml(read_text(path), source=str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a job spec must be a YAML mapping of sections (name, model, data, ...)")
+    glued = glued_keys(raw)
+    if glued:
+        where, key = glued[0]
+        raise SpecError(f"{where}.{key}" if where else key, "YAML reads this as one key with no value; a colon"
+                                                             f" needs a space after it ({_unglued(key)})")
     return raw
+
+
+def glued_keys(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(dotted path of the mapping, key) for each key YAML read from `key:value` with no space after the colon."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if item is None and isinstance(key, str) and GLUED_KEY.match(key):
+                found.append((path, key))
+            found += glued_keys(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for item in value:
+            found += glued_keys(item, path)
+    return found
+
+
+def _unglued(key: str) -> str:
+    return key.replace(":", ": ", 1)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -81,9 +110,16 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise SpecError(".".join(parts[: depth + 1]), f"is a value, not a section; cannot set {key}")
         node = child
     try:
-        node[parts[-1]] = parse_yaml(text, source=f"--set {key}") if text else ""
+        value = parse_yaml(text, source=f"--set {key}") if text else ""
     except UserError:  # not YAML (or past the limits): the literal text, which the schema then judges
-        node[parts[-1]] = text
+        value = text
+    glued = [bad for _, bad in glued_keys(value)]
+    if glued:
+        for bad in glued:
+            text = text.replace(bad, _unglued(bad))
+        raise UserError(f"--set {override!r}: YAML reads {', '.join(glued)} as {'a key' if len(glued) == 1 else 'keys'}"
+                        f" with no value (a colon needs a space after it); write --set '{key}={text}'")
+    node[parts[-1]] = value
 
 
 def validate_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
@@ -99,9 +135,17 @@ def spec_from_json_file(path: str | Path) -> JobSpec:
 
 
 def first_error(exc: ValidationError) -> SpecError:
-    """Turn pydantic's report into one line: the first problem, plus how many more there are."""
-    errors = exc.errors(include_url=False)
-    err = errors[0]
+    """Turn pydantic's report into one line: up to SHOWN_PROBLEMS problems, then how many more there are."""
+    problems = [_problem(err) for err in exc.errors(include_url=False)]
+    (path, message), others = problems[0], problems[1:SHOWN_PROBLEMS]
+    message += "".join(f"; also {where or 'spec'}: {what}" for where, what in others)
+    if len(problems) > SHOWN_PROBLEMS:
+        message += f" [+{len(problems) - SHOWN_PROBLEMS} more problem(s)]"
+    return SpecError(path or "spec", message)
+
+
+def _problem(err: Any) -> tuple[str, str]:
+    """(dotted field path, what is wrong and what is allowed) for one of pydantic's errors."""
     loc = [str(p) for p in err["loc"]]
     if err["type"] == "extra_forbidden":
         allowed = ", ".join(_fields_at(JobSpec, loc[:-1]))
@@ -114,9 +158,11 @@ def first_error(exc: ValidationError) -> SpecError:
         message = _plain(err["msg"])
         if err["type"] not in ("value_error", "assertion_error") and "input" in err:
             message += f" (got {_shown(err['input'])})"
-    if len(errors) > 1:
-        message += f" [+{len(errors) - 1} more problem(s)]"
-    return SpecError(".".join(loc) or "spec", message)
+        text = err.get("input")
+        if err["type"] in ("model_type", "dict_type") and isinstance(text, str) and GLUED_KEY.fullmatch(text):
+            field = ".".join(loc) + "." + text.replace(":", "=", 1)
+            message += f"; for a section write {{{_unglued(text)}}} (a space after the colon) or --set {field}"
+    return ".".join(loc), message
 
 
 def _shown(value: Any, limit: int = 80) -> str:

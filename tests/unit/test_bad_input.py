@@ -88,6 +88,18 @@ CASES = [
     ("bad --set syntax", {}, ["--set", "optimizer.lr"], "--set 'optimizer.lr': expected KEY=VALUE"),
     ("--set unknown field", {}, ["--set", "optimizer.learning_rate=0.1"], "optimizer.learning_rate: unknown key"),
     ("--set through a value", {}, ["--set", "loss.kind=x"], "loss: is a value, not a section"),
+    # YAML needs a space after a colon: `{name:zero}` is the key "name:zero" with no value
+    ("--set glued mapping", {}, ["--set", "strategy={name:zero,stage:2}"],
+     "--set 'strategy={name:zero,stage:2}': YAML reads name:zero, stage:2 as keys with no value (a colon needs a"
+     " space after it); write --set 'strategy={name: zero,stage: 2}'"),
+    ("--set glued kwargs", {}, ["--set", "model.kwargs={in_dim:8}"],  # kwargs take any key: it would pass silently
+     "YAML reads in_dim:8 as a key with no value (a colon needs a space after it);"
+     " write --set 'model.kwargs={in_dim: 8}'"),
+    ("--set a section as key:value", {}, ["--set", "strategy=name:zero"],
+     "strategy: Input should be a valid dictionary or instance of StrategySpec (got 'name:zero'); for a section"
+     " write {name: zero} (a space after the colon) or --set strategy.name=zero"),
+    ("glued key in the file", {"model": {**BASE_SPEC["model"], "kwargs": {"in_dim:8": None}}}, [],
+     "model.kwargs.in_dim:8: YAML reads this as one key with no value; a colon needs a space after it (in_dim: 8)"),
     ("prune amount above 1", {"compression": {"prune": {"amount": 1.5, "schedule": {"end_step": 5}}}}, [],
      "compression.prune.amount: Input should be less than or equal to 1"),
     ("structured global pruning",
@@ -179,6 +191,19 @@ def test_bad_yaml_file(tmp_path, capsys, case):
     code, err = _run_main(capsys, ["validate", str(path)])
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: {path}: ") and expected in err, err
+
+
+def test_a_few_problems_are_all_listed_and_more_are_counted(tmp_path, capsys):
+    spec = make_spec(tmp_path)
+    code, err = _run_main(capsys, ["validate", str(spec), "--set", "optimizer={nam: sgd, lr: -1}"])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == ("error: optimizer.name: required field is missing; also optimizer.lr: Input should be greater"
+                   " than 0 (got -1); also optimizer.nam: unknown key; allowed here: name, lr, momentum, nesterov,"
+                   " betas, eps, alpha, l1, l2, weight_decay, grad_clip\n")  # three problems: no "[+N more]"
+    code, err = _run_main(capsys, ["validate", str(spec), "--set", "optimizer={nam: sgd, lr: -1}",
+                                   "--set", "seed=x", "--set", "training.max_steps=0"])
+    assert code == 2 and len(err.splitlines()) == 1 and err.count("; also ") == 2, err
+    assert err.startswith("error: seed: Input should be a valid integer") and err.endswith(" [+2 more problem(s)]\n")
 
 
 def test_missing_file(tmp_path, capsys):

@@ -32,6 +32,8 @@ def test_accelerate_dry_run_starts_the_worker_through_the_real_cli(tmp_path):
     assert flags["--num_processes"] == "2" and flags["--max_restarts"] == "2"
     assert flags["--main_process_port"] == "0" and request.env["GLOO_SOCKET_IFNAME"] == "lo"  # free port, loopback
     assert request.env["ACCELERATE_USE_CPU"] == "1"  # MULTI_GPU + this = MULTI_CPU over gloo, several processes
+    # tracebacks into per-rank log files, as under torchrun: the launcher reports the failure
+    assert flags["--log_dir"] == str(run / "logs") and request.env["PET_REDIRECTS"] == "0:2,1:3"
     config = yaml.safe_load(request.generated[flags["--config_file"]])
     assert config["distributed_type"] == "MULTI_GPU" and config["use_cpu"] is False and config["num_processes"] == 2
     assert not run.exists()
@@ -81,7 +83,7 @@ def test_single_node_local_dry_run_meets_on_loopback(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--rdzv-backend=c10d",
         "--rdzv-endpoint=127.0.0.1:0", "--rdzv-id=test", "--local-addr=127.0.0.1", "--nproc-per-node=2",
         "--max-restarts=1", "--monitor-interval=0.5", "--shutdown-timeout=10", f"--log-dir={run / 'logs'}",
-        "-m", "launcher.worker", str(run / "spec.json"))
+        "--redirects=0:2,1:3", "-m", "launcher.worker", str(run / "spec.json"))
     assert request.env["GLOO_SOCKET_IFNAME"] == "lo" and request.env["NCCL_SOCKET_IFNAME"] == "lo"
     assert not run.exists()
 
