@@ -79,10 +79,9 @@ class Plan:
         if self.dp_shard_degree > 1:
             hsdp = f", HSDP: replicate {replicate} x shard {self.dp_shard_degree}" if replicate > 1 else ""
             return f"FSDP2 fully_shard (ZeRO-{self.zero_stage}{hsdp})"
-        if self.tp_degree > 1:
-            return f"FSDP2 replicating over {replicate} ranks (DDP does not take tensor-parallel DTensors)"
-        stages = " around each pipeline stage" if self.pp_degree > 1 else ""
-        return f"DDP{stages}" + (" + ZeroRedundancyOptimizer (ZeRO-1)" if self.zero_stage == 1 else "")
+        if self.tp_degree > 1 or self.pp_degree > 1:
+            return f"FSDP2 replicating over {replicate} ranks (dp_shard 1: DDP on a tensor/pipeline mesh, as HSDP)"
+        return "DDP" + (" + ZeroRedundancyOptimizer (ZeRO-1)" if self.zero_stage == 1 else "")
 
 
 def plan_to_json(plan: Plan) -> str:
@@ -135,10 +134,10 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         name = "deepspeed" if strategy == "deepspeed" else "zero stage 1"
         raise PlanError(f"strategy.name={name} with parallel.tensor={par.tensor}, parallel.pipeline={par.pipeline}:"
                         " not supported; use ddp or auto, or zero stage 2 or 3 (FSDP2 composes with them)")
-    if par.tensor > 1 and (spec.strategy.find_unused_parameters or spec.strategy.static_graph):
-        raise PlanError(f"strategy.find_unused_parameters/static_graph with parallel.tensor={par.tensor}: they"
-                        " configure DDP, which does not take tensor-parallel parameters (data parallel is FSDP2"
-                        " here); remove them")
+    if model_degree > 1 and (spec.strategy.find_unused_parameters or spec.strategy.static_graph):
+        raise PlanError(f"strategy.find_unused_parameters/static_graph with parallel.tensor={par.tensor},"
+                        f" parallel.pipeline={par.pipeline}: they configure DDP, and data parallel on a mesh with"
+                        " tensor or pipeline parallel is FSDP2; remove them")
     shard = _data_shard_degree(spec, strategy, stage, dp, inferred)
     layout = None
     if model_degree > 1 or 1 < shard < dp:

@@ -5,9 +5,11 @@ stages): tensor parallel -> [activation checkpointing, compile: issue 13's later
 data parallel. Data parallel is:
 
 - FSDP2 `fully_shard` when parameters are sharded over dp_shard (ZeRO-2/3; with dp_replicate too,
-  HSDP) or are DTensors already (tensor parallel: DDP does not take DTensors, so replication is
-  FSDP2 over a dp_shard axis of size 1);
-- DistributedDataParallel otherwise (plain data parallel, also around pipeline stages), with
+  HSDP), and for replication on any mesh with a model-parallel axis (FSDP2 over a dp_shard axis of
+  size 1): DDP does not take tensor-parallel DTensors, and torch's pipelining drives DDP through
+  its reducer's internals, which failed here once a window held several schedule steps ("rebuilt
+  parameter indices size is not same as original model parameters size");
+- DistributedDataParallel for plain data parallel (the mesh's only axis is dp_replicate), with
   ZeRO-1's ZeroRedundancyOptimizer on top for stage 1.
 
 The trainer sees one `forward_backward(window)`: without a pipeline it is the plain loop; with one,
@@ -53,7 +55,8 @@ class ComposedStrategy(SingleProcessStrategy):
         local_stages = layout.stage_indices(self.pp_rank)
         self.has_first_stage = 0 in local_stages
         self.has_last_stage = layout.num_stages - 1 in local_stages
-        self.sharded = layout.dp_shard_degree > 1 or layout.tp_degree > 1  # data parallel by FSDP2, not DDP
+        # data parallel by FSDP2, not DDP (see the module docstring)
+        self.fsdp = layout.dp_shard_degree > 1 or layout.tp_degree > 1 or layout.pp_degree > 1
         self._loss_scale = 1.0
         # loss: model under pipeline parallel (see setup)
         self._model_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -62,7 +65,7 @@ class ComposedStrategy(SingleProcessStrategy):
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         # The whole model with its constructor's weights (or, with model.init meta, its skeleton).
         model = recipe.skeleton() if recipe.init == "meta" else recipe.full()
-        layers = find_layers(model, self.layout.layers) if self.sharded or self.layout.pp_degree > 1 else None
+        layers = find_layers(model, self.layout.layers) if self.fsdp else None
         layer_ids = {id(layer) for layer in layers[1]} if layers else set()
         if self.layout.pp_degree > 1:
             owner, stages = pipeline_split(model, self.layout, self.pp_rank, layers[0] if layers else "blocks")
@@ -118,7 +121,7 @@ class ComposedStrategy(SingleProcessStrategy):
             part = TensorOutput(part)  # the module the schedule runs (and data parallel wraps) returns a tensor
         if self.dp_size == 1:
             return part
-        if self.sharded:
+        if self.fsdp:
             return apply_fsdp(part, self.mesh.fsdp_mesh(), reshard_after_forward=self.zero_stage == 3, layers=layers)
         return apply_ddp(part, self.mesh["dp_replicate"], self.device, self.ddp_options)
 

@@ -1,9 +1,7 @@
 """Data parallel by replication: DistributedDataParallel over the mesh's dp_replicate axis.
 
-Used where parameters are plain tensors (no tensor parallel): alone, or around each pipeline stage
-(torch.distributed.pipelining defers DDP's all-reduce to the last backward of a schedule step).
-DDP does not take DTensor parameters; with tensor parallel, replication is FSDP2 over a dp_shard
-axis of size 1 (strategies/fsdp.py).
+Used where data parallel is the mesh's only axis. With tensor or pipeline parallel, replication is
+FSDP2 over a dp_shard axis of size 1 (strategies/composed.py says why).
 """
 from __future__ import annotations
 

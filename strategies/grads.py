@@ -44,7 +44,8 @@ def _global(partial: torch.Tensor, key: GroupKey) -> torch.Tensor:
     if key is None:
         return partial
     mesh, placements = key
-    as_partial = [Partial() if placement.is_shard() else Replicate() for placement in placements]
+    # Any split (Shard, FSDP-over-TP's _StridedShard) holds a part of the sum; a replica holds all of it.
+    as_partial = [Replicate() if placement.is_replicate() else Partial() for placement in placements]
     dtensor = DTensor.from_local(partial.to(mesh.device_type), mesh, as_partial, run_check=False)
     return dtensor.full_tensor().cpu()
 

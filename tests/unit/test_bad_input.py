@@ -89,7 +89,7 @@ CASES = [
     ("ddp options with tensor parallel",
      {"model": {"target": "launcher.models:transformer"}, "strategy": {"name": "ddp", "static_graph": True},
       "parallel": {"tensor": 2}, "resources": {"procs_per_node": 2}}, [],
-     "strategy.find_unused_parameters/static_graph with parallel.tensor=2: they configure DDP"),
+     "strategy.find_unused_parameters/static_graph with parallel.tensor=2, parallel.pipeline=1: they configure DDP"),
     ("single with 2 procs", {"strategy": {"name": "single"}, "resources": {"procs_per_node": 2}}, [],
      "strategy.name=single runs one process, but the world size is 2"),
     ("zero data degree", {"parallel": {"data": 0}}, [],

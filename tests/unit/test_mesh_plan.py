@@ -17,8 +17,8 @@ ZERO3 = {"name": "zero", "stage": 3}
 @pytest.mark.parametrize(
     "procs,parallel,strategy,expect,data_parallel",
     [
-        (4, {"tensor": 2}, {}, (2, 1, 2, 1, 1), "FSDP2 replicating over 2 ranks (DDP does not take tensor-parallel"),
-        (4, {"pipeline": 2, "microbatches": 4}, {}, (2, 1, 1, 2, 4), "DDP around each pipeline stage"),
+        (4, {"tensor": 2}, {}, (2, 1, 2, 1, 1), "FSDP2 replicating over 2 ranks (dp_shard 1"),
+        (4, {"pipeline": 2, "microbatches": 4}, {}, (2, 1, 1, 2, 4), "FSDP2 replicating over 2 ranks"),
         (8, {"tensor": 2, "pipeline": 2}, {}, (2, 1, 2, 2, 2), "FSDP2 replicating"),  # microbatches: the pp degree
         (4, {"data": 1, "tensor": 2, "pipeline": 2, "schedule": "interleaved_1f1b", "stages_per_rank": 2}, {},
          (1, 1, 2, 2, 2), "none (one data-parallel rank)"),
