@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from strategies.base import Batch, LossFn, OptimizerFactory
@@ -131,7 +132,9 @@ class ComposedStrategy(SingleProcessStrategy):
 
     @property
     def _local_optimizer(self) -> torch.optim.Optimizer:
-        return getattr(self.optimizer, "optim", self.optimizer)  # ZeRO-1: this rank's partition
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            return self.optimizer.optim  # ZeRO-1: the optimizer over this rank's partition
+        return self.optimizer
 
     # -- training --------------------------------------------------------------------------------
     def forward_backward(self, micro_batches: Sequence[Batch], *, sync_grads: bool = True) -> torch.Tensor:
