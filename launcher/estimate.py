@@ -118,11 +118,12 @@ def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]
     p_full, g_full = full * pb, full * gb
     stage = plan.zero_stage or 0
     replicated = {"params": full, "param_bytes": p_full, "grad_bytes": g_full, "optimizer_bytes": full * ob}
-    if plan.strategy == "single" or (plan.strategy == "mesh" and dp == 1):
+    if plan.strategy == "single" or dp == 1:
         return {**replicated, "buffer_bytes": 0, "collectives": {}}
-    if plan.strategy in ("ddp", "mesh") or (plan.strategy == "deepspeed" and stage == 0):
+    if plan.strategy == "ddp" or (plan.strategy == "deepspeed" and stage == 0):
         # DDP's 25 MiB buckets together hold a copy of every gradient (gradient_as_bucket_view is off);
-        # the mesh strategy all-reduces one flat copy of the gradients.
+        # replication on a tensor/pipeline mesh (FSDP2 over a shard degree of 1) all-reduces as much.
+        # HSDP (zero with parallel.data_replicate > 1) is estimated as sharding over all of dp: not yet exact.
         return {**replicated, "buffer_bytes": g_full, "collectives": {"all_reduce": g_full}}
     if plan.strategy == "zero" and stage == 1:
         return {**replicated, "optimizer_bytes": counts.zero1_partition * ob, "buffer_bytes": g_full,

@@ -40,7 +40,8 @@ class Plan:
     grad_accum_steps: int
     global_batch_size: int
     zero_stage: int | None = None
-    layout: MeshLayout | None = None  # set for the mesh strategy (tensor or pipeline degree > 1)
+    dp_shard_degree: int = 1  # data-parallel ranks that shard parameters (FSDP); dp_degree / it replicate
+    layout: MeshLayout | None = None  # set when the mesh has more than one axis (None: 1-D data parallel)
     deepspeed_config: dict[str, Any] | None = None  # the engine's config, when strategy is deepspeed
     model_state_theory: dict[str, float] = field(default_factory=dict)
     threads_per_rank: int = 1  # OMP_NUM_THREADS each rank gets
@@ -52,6 +53,7 @@ class Plan:
             f"world size       {self.world_size} = {self.nodes} node(s) x {self.procs_per_node} process(es)",
             f"mesh             data {self.dp_degree} x tensor {self.tp_degree} x pipeline {self.pp_degree}",
             f"strategy         {self.strategy}" + (f" stage {self.zero_stage}" if self.zero_stage is not None else ""),
+            f"data parallel    {self._data_parallel()}",
             f"device/backend   {self.device}/{self.backend}",
             f"threads per rank {self.threads_per_rank} (OMP_NUM_THREADS)",
             f"allocator        {' '.join(f'{k}={v}' for k, v in self.allocator_env.items()) or 'as inherited'}",
@@ -70,6 +72,20 @@ class Plan:
             lines.append(f"deepspeed config {json.dumps(self.deepspeed_config, sort_keys=True)}")
         lines += [f"inferred         {note}" for note in self.inferred]
         return "\n".join(lines)
+
+    def _data_parallel(self) -> str:
+        """How gradients meet across data-parallel ranks (strategies/composed.py decides the same way)."""
+        replicate = self.dp_degree // self.dp_shard_degree
+        if self.dp_degree == 1:
+            return "none (one data-parallel rank)"
+        if self.strategy == "deepspeed":
+            return f"DeepSpeed ZeRO-{self.zero_stage} over {self.dp_degree} ranks"
+        if self.dp_shard_degree > 1:
+            hsdp = f", HSDP: replicate {replicate} x shard {self.dp_shard_degree}" if replicate > 1 else ""
+            return f"FSDP2 fully_shard (ZeRO-{self.zero_stage}{hsdp})"
+        if self.tp_degree > 1 or self.pp_degree > 1:
+            return f"FSDP2 replicating over {replicate} ranks (dp_shard 1: DDP on a tensor/pipeline mesh, as HSDP)"
+        return "DDP" + (" + ZeroRedundancyOptimizer (ZeRO-1)" if self.zero_stage == 1 else "")
 
 
 def plan_to_json(plan: Plan) -> str:
@@ -115,21 +131,23 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
         inferred.append(f"strategy.name = {strategy} (auto, world size {world})")
     if strategy == "single" and world != 1:
         raise PlanError(f"strategy.name=single runs one process, but the world size is {world}; use ddp or auto")
-    layout = None
-    if model_degree > 1:
-        layout = _mesh_layout(spec, dp, inferred)
-        if strategy != "ddp":
-            raise PlanError(f"strategy.name={strategy} with parallel.tensor={par.tensor},"
-                            f" parallel.pipeline={par.pipeline}: not supported; use ddp or auto"
-                            " (data parallel inside the mesh)")
-        inferred.append(f"strategy = mesh (parallel.tensor {par.tensor} x parallel.pipeline {par.pipeline};"
-                        " data parallel by gradient all-reduce over the data axis)")
-        strategy = "mesh"
     stage = spec.strategy.stage
     if strategy == "zero" and stage not in ZERO_STAGES_AVAILABLE:
         raise PlanError(f"strategy.stage={stage}: ZeRO stage {stage} is not available yet; allowed: 1, 2, 3")
+    if model_degree > 1 and (strategy == "deepspeed" or (strategy == "zero" and stage == 1)):
+        name = "deepspeed" if strategy == "deepspeed" else "zero stage 1"
+        raise PlanError(f"strategy.name={name} with parallel.tensor={par.tensor}, parallel.pipeline={par.pipeline}:"
+                        " not supported; use ddp or auto, or zero stage 2 or 3 (FSDP2 composes with them)")
+    if model_degree > 1 and (spec.strategy.find_unused_parameters or spec.strategy.static_graph):
+        raise PlanError(f"strategy.find_unused_parameters/static_graph with parallel.tensor={par.tensor},"
+                        f" parallel.pipeline={par.pipeline}: they configure DDP, and data parallel on a mesh with"
+                        " tensor or pipeline parallel is FSDP2; remove them")
+    shard = _data_shard_degree(spec, strategy, stage, dp, inferred)
+    layout = None
+    if model_degree > 1 or 1 < shard < dp:
+        layout = _mesh_layout(spec, dp, shard, inferred)
 
-    if strategy == "mesh" and (spec.compression.prune is not None or spec.compression.distill is not None):
+    if model_degree > 1 and (spec.compression.prune is not None or spec.compression.distill is not None):
         raise PlanError("compression with parallel.tensor or parallel.pipeline > 1 is not supported yet;"
                         " use data parallel (ddp or zero)")
     ds_config = _deepspeed_plan(spec, dp) if strategy == "deepspeed" else None
@@ -161,10 +179,12 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     micro, accum = spec.data.micro_batch_size, spec.training.grad_accum_steps
     return Plan(
         world_size=world, nodes=res.nodes, procs_per_node=res.procs_per_node,
-        dp_degree=dp, tp_degree=par.tensor, pp_degree=par.pipeline, strategy=strategy,
+        dp_degree=dp, dp_shard_degree=shard, tp_degree=par.tensor, pp_degree=par.pipeline, strategy=strategy,
         device=device, backend=backend, micro_batch_size=micro, grad_accum_steps=accum,
         global_batch_size=micro * accum * dp, zero_stage=stage, layout=layout, deepspeed_config=ds_config,
-        model_state_theory={} if strategy == "mesh" else theory_bytes_per_param(strategy, stage, dp, spec.optimizer),
+        # per rank, as a fraction of the whole model: with tensor or pipeline parallel a rank holds a part of it
+        model_state_theory={} if model_degree > 1 else theory_bytes_per_param(
+            strategy, stage, shard if strategy == "zero" and stage in (2, 3) else dp, spec.optimizer),
         threads_per_rank=threads, allocator_env=allocator_env(device, inferred), inferred=tuple(inferred),
     )
 
@@ -213,7 +233,42 @@ def _deepspeed_plan(spec: JobSpec, dp: int) -> dict[str, Any]:
 
 
 
-def _mesh_layout(spec: JobSpec, dp: int, inferred: list[str]) -> MeshLayout:
+def _data_shard_degree(spec: JobSpec, strategy: str, stage: int | None, dp: int, inferred: list[str]) -> int:
+    """How many of the dp data-parallel ranks shard the parameters (FSDP); the rest replicate (HSDP)."""
+    replicate, shard = spec.parallel.data_replicate, spec.parallel.data_shard
+    if not (strategy == "zero" and stage in (2, 3)):
+        named = f"strategy {strategy}" + (f" stage {stage}" if stage else "")
+        what = ("DeepSpeed shards over every data-parallel rank" if strategy == "deepspeed"
+                else f"{named} replicates over every data-parallel rank")
+        if shard not in (None, 1):
+            raise PlanError(f"parallel.data_shard={shard}: {what}; sharding over some of them (HSDP) needs strategy"
+                            " zero stage 2 or 3")
+        if replicate not in (None, dp):
+            raise PlanError(f"parallel.data_replicate={replicate}: {what}, so it must equal parallel.data = {dp}")
+        return 1
+    if shard is None and replicate is None:
+        if dp > 1:
+            inferred.append(f"parallel.data_shard = {dp} (zero stage {stage}: shard over every data-parallel rank)")
+        return dp
+    for name, given in (("data_replicate", replicate), ("data_shard", shard)):
+        if given is not None and dp % given:
+            raise PlanError(f"parallel.{name}={given} does not divide parallel.data = {dp}")
+    if shard is None:
+        shard = dp // (replicate or 1)
+        inferred.append(f"parallel.data_shard = {shard} (parallel.data {dp} / data_replicate {replicate})")
+    if replicate is None:
+        replicate = dp // shard
+        inferred.append(f"parallel.data_replicate = {replicate} (parallel.data {dp} / data_shard {shard})")
+    if replicate * shard != dp:
+        raise PlanError(f"parallel: data_replicate {replicate} x data_shard {shard} = {replicate * shard} does not"
+                        f" equal parallel.data = {dp}")
+    if shard == 1 and dp > 1:
+        raise PlanError(f"parallel.data_shard=1 with strategy zero stage {stage}: nothing would be sharded; use"
+                        " strategy ddp, or data_shard above 1")
+    return shard
+
+
+def _mesh_layout(spec: JobSpec, dp: int, shard: int, inferred: list[str]) -> MeshLayout:
     """The mesh and pipeline settings, with the rules torch's schedules enforce checked up front."""
     par: ParallelSpec = spec.parallel
     micro = spec.data.micro_batch_size
@@ -234,7 +289,8 @@ def _mesh_layout(spec: JobSpec, dp: int, inferred: list[str]) -> MeshLayout:
         if par.schedule == "interleaved_1f1b" and microbatches % par.pipeline:
             raise PlanError(f"parallel.microbatches={microbatches}: schedule interleaved_1f1b needs a multiple of"
                             f" parallel.pipeline={par.pipeline}")
-    return MeshLayout(dp_degree=dp, tp_degree=par.tensor, pp_degree=par.pipeline, schedule=par.schedule,
+    return MeshLayout(dp_degree=dp, dp_shard_degree=shard, tp_degree=par.tensor, pp_degree=par.pipeline,
+                      schedule=par.schedule,
                       microbatches=microbatches, stages_per_rank=par.stages_per_rank if par.pipeline > 1 else 1,
                       split_points=tuple(par.split_points) if par.pipeline > 1 else (), tp_plan=par.tp_plan,
                       layers=spec.model.layers)

@@ -1,4 +1,8 @@
-"""Parallelism strategies, looked up by the plan's resolved strategy name."""
+"""Parallelism strategies, looked up by the plan's resolved strategy name.
+
+`single` is the 1-process reference, `deepspeed` adapts DeepSpeed's engine, and `ddp`/`zero` are
+one composed strategy (strategies/composed.py) over the mesh the plan laid out.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -18,20 +22,17 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
         from strategies.single import SingleProcessStrategy
 
         return SingleProcessStrategy(device, precision, feed)
-    if name in ("ddp", "zero") and stage in (None, 1):
-        from strategies.ddp import DDPStrategy
-        from strategies.zero1 import ZeroOneStrategy
+    if name in ("ddp", "zero"):
+        import torch.distributed as dist
 
-        return (DDPStrategy if name == "ddp" else ZeroOneStrategy)(device, precision, feed, find_unused_parameters,
-                                                                 static_graph)
-    if name == "zero":
-        from strategies.fsdp import FSDPStrategy
+        from strategies.composed import ComposedStrategy
+        from strategies.ddp import DDPOptions
 
-        return FSDPStrategy(device, precision, stage or 3, feed, layers_path)
-    if name == "mesh" and layout is not None:
-        from strategies.mesh import MeshStrategy
-
-        return MeshStrategy(device, precision, layout, feed)
+        if layout is None:  # the plan's 1-D data parallel over the whole world
+            world = dist.get_world_size()
+            layout = MeshLayout(dp_degree=world, dp_shard_degree=world if stage in (2, 3) else 1, layers=layers_path)
+        ddp_options = DDPOptions(find_unused_parameters, static_graph)
+        return ComposedStrategy(device, precision, layout, stage, feed, ddp_options)
     if name == "deepspeed" and deepspeed_config is not None:
         from strategies.deepspeed_engine import DeepSpeedStrategy
 

@@ -1,36 +1,28 @@
-"""Data parallel: DistributedDataParallel, gradients all-reduced once per accumulation window."""
+"""Data parallel by replication: DistributedDataParallel over the mesh's dp_replicate axis.
+
+Used where data parallel is the mesh's only axis. With tensor or pipeline parallel, replication is
+FSDP2 over a dp_shard axis of size 1 (strategies/composed.py says why).
+"""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, cast
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
-from strategies.batch import BatchFeed
-from strategies.data_parallel import DataParallelStrategy
+
+@dataclass(frozen=True)
+class DDPOptions:
+    find_unused_parameters: bool = False  # some parameters get no gradient in some steps (slower backward)
+    static_graph: bool = False  # the set of used parameters never changes
 
 
-def apply_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False,
-              static_graph: bool = False) -> DistributedDataParallel:
-    """Wrap `model` for data parallelism over the default process group."""
+def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device,
+              options: DDPOptions = DDPOptions()) -> DistributedDataParallel:
+    """Wrap `model` so its gradients are averaged over the 1-D `mesh` (all-reduce, bucketed)."""
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters,
-                                   static_graph=static_graph)
-
-
-class DDPStrategy(DataParallelStrategy):
-    """Every rank holds the whole model; ranks see disjoint slices of each global batch."""
-
-    def __init__(self, device: torch.device, precision: str, feed: BatchFeed = BatchFeed(),
-                 find_unused_parameters: bool = False, static_graph: bool = False) -> None:
-        super().__init__(device, precision, feed)
-        self.find_unused_parameters, self.static_graph = find_unused_parameters, static_graph
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        return apply_ddp(model, self.device, self.find_unused_parameters, self.static_graph)
-
-    def _skip_grad_sync(self) -> contextlib.AbstractContextManager[Any]:
-        # Gradients of non-final micro-batches stay local; the last backward all-reduces the sum.
-        return cast(DistributedDataParallel, self.model).no_sync()  # _wrap made it one
+    return DistributedDataParallel(model, device_ids=device_ids, device_mesh=mesh,
+                                   find_unused_parameters=options.find_unused_parameters,
+                                   static_graph=options.static_graph)

@@ -21,13 +21,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from strategies.base import Batch, LossFn, OptimizerFactory
 from strategies.batch import BatchFeed, to_device, tree_map
-from strategies.data_parallel import DataParallelStrategy
 from strategies.deepspeed_checkpoint import DeepSpeedCheckpoint, weights_only_checkpoint_engine
 from strategies.grads import add_l1_l2_to_pairs_, clip_grad_norm_
 from strategies.model_init import ModelRecipe
+from strategies.single import SingleProcessStrategy
 
 
 def skip_shared_memory_comm_build() -> None:
@@ -43,10 +44,14 @@ def skip_shared_memory_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-class DeepSpeedStrategy(DataParallelStrategy):
+class DeepSpeedStrategy(SingleProcessStrategy):
+    """All ranks form the engine's one data-parallel group (the default process group)."""
+
     def __init__(self, device: torch.device, precision: str, config: dict[str, Any],
                  feed: BatchFeed = BatchFeed()) -> None:
         super().__init__(device, precision, feed)
+        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.is_logging_rank = self.dp_rank == 0
         self.config = config
         self.stage: int = config["zero_optimization"]["stage"]
         self.input_dtype = torch.bfloat16 if config["bf16"]["enabled"] else None
@@ -106,6 +111,14 @@ class DeepSpeedStrategy(DataParallelStrategy):
 
     def discard_grads(self) -> None:
         raise RuntimeError("DeepSpeed cannot drop an accumulated window")  # the plan refuses on_nonfinite=skip
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return self.reduce_sum(value) / self.dp_size
+
+    def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value
 
     def close(self) -> None:
         # Without it, ranks sometimes aborted at exit after a ZeRO-3 save ("terminate called without

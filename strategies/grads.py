@@ -1,53 +1,71 @@
 """Gradient transforms shared by every strategy: L1/L2 regularization and global-norm clipping.
 
-Both are elementwise or sum-reductions over local tensors, so they stay correct on sharded,
-tensor-parallel and pipeline-split parameters as long as the caller combines the partial sums over
-the right groups. Partial sums come in two parts, [over sharded DTensor pieces, over whole tensors],
-because they reduce over different groups: a shard's sum adds up over its shard group, a whole
-(replicated) tensor is counted once. `reduce_sum` maps this rank's pair to the global total (its
-result is summed, so a plain sum over a group of all-sharded tensors also fits); replicated
-strategies pass None.
+Both are elementwise or sums over local tensors, so they need no gathering on sharded, tensor-parallel
+or pipeline-split parameters. A parameter is a plain tensor (whole wherever it lives) or a DTensor
+(FSDP, tensor parallel, or both: sharded or replicated over mesh axes). Parameters are grouped by
+(mesh, placements): a group's sum is taken over local tensors and made global once per group
+(`DTensor.full_tensor()`), a plain group counts once. Pipeline stages hold different parameters, so
+their totals are added by `stage_sum` (None without a pipeline).
+
+torch.nn.utils.clip_grad_norm_ cannot take the mix in one call (it fails when DTensors on different
+meshes, or DTensors and plain tensors, meet in one foreach kernel): the norm is its public halves,
+`get_total_norm` and `clip_grads_with_norm_`, applied per group.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
 
-ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+StageSum = Callable[[torch.Tensor], torch.Tensor]
+GroupKey = tuple[DeviceMesh, tuple[Placement, ...]] | None  # None: plain tensors
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The shard this rank stores: a DTensor's local tensor, or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """A DTensor split over some mesh axis (a replicated DTensor holds the whole tensor, like a plain one)."""
-    return any(p.is_shard() for p in getattr(tensor, "placements", ()))
+def _groups(params: Iterable[torch.nn.Parameter]) -> dict[GroupKey, list[torch.nn.Parameter]]:
+    """Parameters with a gradient by (mesh, placements); plain tensors under None."""
+    groups: dict[GroupKey, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            key = (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    return groups
 
 
-def _total(parts: torch.Tensor, reduce: ReduceFn | None) -> torch.Tensor:
-    return (parts if reduce is None else reduce(parts)).sum()
+def _global(partial: torch.Tensor, key: GroupKey) -> torch.Tensor:
+    """A group's sum over local tensors -> its sum over the whole parameters (on the CPU): summed over
+    the mesh axes the group is sharded on, counted once over those it is replicated on."""
+    if key is None:
+        return partial
+    mesh, placements = key
+    # Any split (Shard, FSDP-over-TP's _StridedShard) holds a part of the sum; a replica holds all of it.
+    as_partial = [Replicate() if placement.is_replicate() else Partial() for placement in placements]
+    dtensor = DTensor.from_local(partial.to(mesh.device_type), mesh, as_partial, run_check=False)
+    return dtensor.full_tensor().cpu()
 
 
 @torch.no_grad()
 def add_l1_l2_(params: Iterable[torch.nn.Parameter], l1: float, l2: float,
-               reduce_sum: ReduceFn | None = None) -> torch.Tensor:
+               stage_sum: StageSum | None = None) -> torch.Tensor:
     """grad += l1*sign(w) + 2*l2*w for parameters with a gradient; return l1*|w|_1 + l2*|w|_2^2."""
     if l1 == 0 and l2 == 0:
         return torch.zeros(())
-    with_grad = [(p, p.grad) for p in params if p.grad is not None]
-    parts = torch.stack([
-        _l1_l2_pairs_(((local(p.detach()), local(grad)) for p, grad in with_grad if is_sharded(p) == sharded), l1, l2)
-        for sharded in (True, False)
-    ])
-    return _total(parts, reduce_sum).float()
+    total = torch.zeros((), dtype=torch.float64)
+    for key, group in _groups(params).items():
+        pairs = ((local(p.detach()), local(p.grad)) for p in group if p.grad is not None)
+        total += _global(_l1_l2_pairs_(pairs, l1, l2), key)
+    return (total if stage_sum is None else stage_sum(total)).float()
 
 
 @torch.no_grad()
 def add_l1_l2_to_pairs_(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], l1: float, l2: float,
-                        reduce_sum: ReduceFn | None = None) -> torch.Tensor:
+                        reduce_sum: StageSum | None = None) -> torch.Tensor:
     """The transform on (weight, gradient) tensor pairs, for engines that keep gradients outside p.grad.
     All pairs are alike here: `reduce_sum` (if any) gets their one partial penalty."""
     penalty = _l1_l2_pairs_(pairs, l1, l2)
@@ -73,31 +91,18 @@ def _l1_l2_pairs_(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], l1: float,
 
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float | None,
-                    reduce_sum: ReduceFn | None = None) -> torch.Tensor:
-    """Global L2 norm of all gradients; scale them so it is at most max_norm (same rule as torch).
-
-    Computed from per-group squared norms rather than torch.nn.utils.clip_grad_norm_, which fails
-    when DTensor and plain parameters, or parameters on different meshes, are mixed. The foreach
-    kernels are one call per group instead of a few per tensor: this runs every step.
-    """
-    grads: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # sharded pieces, whole tensors
-    for p in params:
-        if p.grad is not None:
-            grads[0 if is_sharded(p) else 1].append(local(p.grad).detach())
-    parts = torch.stack([_sum_of_squares(group) for group in grads])
-    total = _total(parts, reduce_sum).sqrt()
+                    stage_sum: StageSum | None = None) -> torch.Tensor:
+    """Global L2 norm of all gradients (float32, CPU); scale them so it is at most max_norm (torch's
+    rule: by max_norm / (norm + 1e-6) when that is below 1)."""
+    groups = _groups(params)
+    squares = torch.zeros((), dtype=torch.float32)
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None])
+        if isinstance(norm, DTensor):  # partial norms of local shards: one reduction over the group's mesh
+            norm = norm.full_tensor()
+        squares += norm.float().cpu().square()
+    total = (squares if stage_sum is None else stage_sum(squares)).sqrt()
     if max_norm is not None:
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        if scale < 1.0:
-            for group in grads:
-                if group:
-                    torch._foreach_mul_(group, scale.to(group[0].device, group[0].dtype))
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
-
-
-def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of squared entries (float32, on the CPU where the partial sums are reduced)."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return torch.stack(norms).pow(2).sum().cpu()

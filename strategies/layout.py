@@ -1,7 +1,7 @@
 """The device-mesh layout a job asks for, and where its pipeline stages cut the model.
 
 Pure arithmetic, no process group: the plan uses it to refuse impossible layouts before any
-process starts, and the mesh strategy uses the same functions to split the model.
+process starts, and the composed strategy uses the same functions to build its mesh and split the model.
 """
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class MeshLayout:
+    """Degrees of the mesh axes (pp, dp_replicate, dp_shard, tp) and the pipeline's settings.
+
+    `dp_degree` counts every data-parallel rank; `dp_shard_degree` of them shard the parameters
+    (FSDP), and the dp_degree / dp_shard_degree groups of those replicate each other (DDP, or HSDP
+    with both above 1).
+    """
+
     dp_degree: int
+    dp_shard_degree: int = 1
     tp_degree: int = 1
     pp_degree: int = 1
     schedule: str = "1f1b"
@@ -21,6 +29,10 @@ class MeshLayout:
     split_points: tuple[str, ...] = ()
     tp_plan: Mapping[str, str] | None = field(default=None, hash=False)
     layers: str | None = None  # module path of the repeated layers (model.layers); None = found by looking
+
+    @property
+    def dp_replicate_degree(self) -> int:
+        return self.dp_degree // self.dp_shard_degree
 
     @property
     def num_stages(self) -> int:

@@ -57,7 +57,11 @@ class StageBlocks(nn.Module):
 
 def _view(source: nn.Module, layers_name: str, blocks: nn.ModuleList | nn.Sequential, blocks_kept: list[int],
           first: bool, last: bool) -> nn.Module:
-    """A shallow copy of `source` sharing its submodules, with only `blocks_kept` and the ends it owns."""
+    """A shallow copy of `source` sharing its submodules, with only `blocks_kept` and the ends it owns.
+
+    nn.Module has no public shallow copy: copy.copy would share the registries themselves, so
+    setting a child to None on the view would remove it from the model. The view gets its own
+    copies of the (private) `_modules`/`_parameters`/`_buffers` dicts holding the same objects."""
     view = copy.copy(source)
     view._modules, view._parameters, view._buffers = (dict(source._modules), dict(source._parameters),
                                                       dict(source._buffers))
@@ -137,9 +141,9 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
     *parents, leaf = path.split(".")
     node = root
     for part in parents:
-        if part not in node._modules:
+        if part not in dict(node.named_children()):
             node.add_module(part, StageBlocks({}))
-        node = cast(nn.Module, node._modules[part])  # added just above, or a container added before
+        node = node.get_submodule(part)
     node.add_module(leaf, module)
 
 
@@ -236,7 +240,7 @@ def pipeline_model_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tenso
 def pipeline_split(model: nn.Module, layout: MeshLayout, pp_rank: int,
                    layers_name: str = "blocks") -> tuple[nn.Module, list[nn.Module]]:
     """(owner, stage modules) of pipeline rank `pp_rank`; the stage modules share the owner's parameters."""
-    if model._parameters or model._buffers:
+    if any(True for _ in [*model.parameters(recurse=False), *model.buffers(recurse=False)]):
         raise TypeError(f"{type(model).__name__} holds parameters or buffers directly on the root module; pipeline"
                         " parallel assigns whole submodules to stages, so move them into a submodule")
     blocks = cast("nn.ModuleList | nn.Sequential", model.get_submodule(layers_name))  # indexed and counted
@@ -258,8 +262,9 @@ def pipeline_split(model: nn.Module, layout: MeshLayout, pp_rank: int,
 
 class TensorOutput(nn.Module):
     """The last stage as torch's pipelining wants it: its output is a tensor (the `logits` of a
-    dict/ModelOutput, the first element of a tuple; strategies/batch.py). Only the schedule sees
-    this wrapper; parameter names everywhere else are the model's."""
+    dict/ModelOutput, the first element of a tuple; strategies/batch.py). Only the schedule (and the
+    data-parallel wrapper around the stage it runs) sees this wrapper; parameter names everywhere
+    else are the model's."""
 
     def __init__(self, stage: nn.Module) -> None:
         super().__init__()
@@ -272,12 +277,12 @@ class TensorOutput(nn.Module):
 def build_schedule(layout: MeshLayout, stage_modules: list[nn.Module], pp_rank: int, device: torch.device,
                    group: torch.distributed.ProcessGroup, loss_fn: Callable | None, microbatches: int,
                    schedule: str | None = None) -> _PipelineSchedule:
-    """The schedule over this rank's stages. Gradients are NOT scaled by the schedule: the loss
-    function carries the 1/(microbatches x accumulation) factor, so a window of several
-    `step` calls accumulates the gradient of the window's mean loss."""
-    last = layout.num_stages - 1
+    """The schedule over this rank's stages (the last stage's module must return a tensor: see
+    TensorOutput). Gradients are NOT scaled by the schedule: the loss function carries the
+    1/(microbatches x accumulation) factor, so a window of several `step` calls accumulates the
+    gradient of the window's mean loss."""
     stages: list[_PipelineStageBase] = [
-        PipelineStage(TensorOutput(module) if index == last else module, index, layout.num_stages, device, group=group)
+        PipelineStage(module, index, layout.num_stages, device, group=group)
         for module, index in zip(stage_modules, layout.stage_indices(pp_rank))
     ]
     cls = SCHEDULES[schedule or layout.schedule]

@@ -1,4 +1,10 @@
-"""One process, no process group: the reference every other strategy is held to."""
+"""One process, no process group: the reference every other strategy is held to.
+
+Its checkpoint layout is every DCP strategy's: the model by parameter name, and the optimizer
+flattened to one entry per parameter (`state.<name>.<key>`, `param_groups.<name>.<key>`), so a rank
+saves and loads exactly the parameters it holds (a pipeline stage, a ZeRO-1 partition) and any
+layout resumes in any other.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,12 +16,13 @@ from torch import nn
 
 from strategies.base import Batch, LossFn, NativeCheckpoint, OptimizerFactory
 from strategies.batch import BatchFeed, to_device
-from strategies.grads import ReduceFn, add_l1_l2_, clip_grad_norm_
+from strategies.grads import StageSum, add_l1_l2_, clip_grad_norm_
 from strategies.model_init import ModelRecipe
 
 
 class SingleProcessStrategy:
-    """Plain training. Subclasses change how the model is wrapped and how gradient sync is skipped."""
+    """Plain training. The composed strategy (strategies/composed.py) changes how the model is
+    built and wrapped, how gradient sync is skipped and how sums cross pipeline stages."""
 
     def __init__(self, device: torch.device, precision: str, feed: BatchFeed = BatchFeed()) -> None:
         self.device = device
@@ -25,20 +32,21 @@ class SingleProcessStrategy:
         self.is_logging_rank = True
         self.native_checkpoint: NativeCheckpoint | None = None  # DCP over state_dict()
 
-    # -- hooks for data-parallel subclasses ------------------------------------------------------
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        return model
-
+    # -- hooks for the composed strategy ---------------------------------------------------------
     def _skip_grad_sync(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def _reduce_fn(self) -> ReduceFn | None:
-        return None  # parameters are whole on every rank: local sums are global sums
+    def _stage_sum(self) -> StageSum | None:
+        return None  # no pipeline stages: this rank's totals cover every parameter
+
+    @property
+    def _local_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the parameters whose state this rank stores."""
+        return self.optimizer
 
     # -- Strategy --------------------------------------------------------------------------------
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
-        self.module = recipe.full().to(self.device)
-        self.model = self._wrap(self.module)
+        self.module = self.model = recipe.full().to(self.device)
         self.optimizer = build_optimizer(self.module.parameters())
         self.loss_fn = loss_fn
 
@@ -55,10 +63,10 @@ class SingleProcessStrategy:
         return total / count
 
     def regularize(self, l1: float, l2: float) -> torch.Tensor:
-        return add_l1_l2_(self.module.parameters(), l1, l2, self._reduce_fn())
+        return add_l1_l2_(self.module.parameters(), l1, l2, self._stage_sum())
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor | None:
-        return clip_grad_norm_(self.module.parameters(), max_norm, self._reduce_fn())
+        return clip_grad_norm_(self.module.parameters(), max_norm, self._stage_sum())
 
     def optimizer_step(self) -> torch.Tensor | None:
         self.optimizer.step()
@@ -84,16 +92,18 @@ class SingleProcessStrategy:
         return value
 
     def state_dict(self) -> dict[str, Any]:
-        # imported at the first save (see launcher/checkpoint.py)
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        # imported at the first save (see launcher/checkpoint.py); a fresh optimizer's state is
+        # created here, so a load has tensors to read into
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        return {"model": get_model_state_dict(self.module),
+                "optim": get_optimizer_state_dict(self.module, self._local_optimizer, options=_flat())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_model_state_dict(self.module, state["model"])
+        set_optimizer_state_dict(self.module, self._local_optimizer, state["optim"], options=_flat())
 
     def close(self) -> None:
         pass  # plain torch objects: nothing outlives the process group
@@ -113,5 +123,11 @@ class SingleProcessStrategy:
 
     @property
     def local_optimizer_state(self) -> dict[Any, dict[str, Any]]:
-        return self.optimizer.state
+        return self._local_optimizer.state
+
+
+def _flat() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 

@@ -182,6 +182,12 @@ class ParallelSpec(Section):
     """The device mesh: data x tensor x pipeline degrees, and how the pipeline is scheduled."""
 
     data: int = Field(default=-1, description="data-parallel degree; -1 = the rest of the world")
+    data_replicate: int | None = Field(
+        default=None, gt=0, description="data-parallel ranks that replicate each other (data = data_replicate x"
+                                        " data_shard); null = data / data_shard")
+    data_shard: int | None = Field(
+        default=None, gt=0, description="data-parallel ranks that shard the parameters (strategy zero 2/3; with"
+                                        " data_replicate > 1: HSDP); null = all of data for zero 2/3, else 1")
     tensor: int = Field(default=1, gt=0, description="tensor-parallel degree (DTensor, within each stage)")
     pipeline: int = Field(default=1, gt=0, description="pipeline-parallel degree (ranks per pipeline)")
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field(

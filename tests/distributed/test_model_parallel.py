@@ -1,8 +1,9 @@
-"""Pipeline and tensor parallel (and both with data parallel) against a 1-process run on the same
-global batch: loss, penalty, gradient norm and eval curves, and the parameters their DCP
-checkpoints hold; tp=2 and interleaved pp=2 checkpoints resume in one process. Clipping is active
-in every run (grad_clip below the gradient norm), so the global norm over mixed DTensor/plain
-parameters and over pipeline stages is exercised."""
+"""Pipeline and tensor parallel (and both with data parallel: DDP, FSDP2 ZeRO-2/3, HSDP) against a
+1-process run on the same global batch: loss, penalty, gradient norm and eval curves, and the
+parameters their DCP checkpoints hold; tp=2 and interleaved pp=2 checkpoints resume in one process,
+a ZeRO-3 dp_shard 2 x tp 2 checkpoint at pp 2 x dp_shard 2. Clipping is active in every run
+(grad_clip below the gradient norm), so the global norm over mixed DTensor/plain parameters, over
+several meshes and over pipeline stages is exercised."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.helpers import (
     assert_runs_match,
     final_params,
     launch_ok,
+    launch_resumed,
     make_spec,
     max_param_diff,
     train_in_process,
@@ -74,11 +76,23 @@ def test_interleaved_pipeline_2_ranks_matches_one_process_and_resumes_in_one(tmp
     assert_runs_match(mlp_reference, run, TOLERANCE["sgd"])
 
 
-def test_data_2_x_pipeline_2_matches_one_process(tmp_path, mlp_reference):
-    spec = make_spec(tmp_path, "dp_pp", **{**MLP, "data": {**MLP["data"], "micro_batch_size": 4}},
-                     resources={"procs_per_node": 4},
-                     parallel={"data": 2, "pipeline": 2, "schedule": "1f1b", "microbatches": 2})
-    assert_runs_match(mlp_reference, launch_ok(spec), TOLERANCE["sgd"])
+ZERO3 = {"name": "zero", "stage": 3}
+FOUR_RANKS = [  # (row id, strategy, parallel, micro-batch): 4 ranks, the reference's global batch of 24
+    ("ddp_data2_pipeline2", {"name": "ddp"}, {"data": 2, "pipeline": 2, "schedule": "1f1b", "microbatches": 2}, 4),
+    ("zero3_data2_pipeline2", ZERO3, {"data": 2, "pipeline": 2, "schedule": "1f1b", "microbatches": 2}, 4),
+    ("hsdp_replicate2_shard2", ZERO3, {"data_replicate": 2, "data_shard": 2}, 2),
+]
+
+
+@pytest.mark.parametrize("row_id,strategy,parallel,micro", FOUR_RANKS, ids=[r[0] for r in FOUR_RANKS])
+def test_data_parallel_on_a_4_rank_mesh_matches_one_process(tmp_path, mlp_reference, row_id, strategy, parallel,
+                                                             micro):
+    spec = make_spec(tmp_path, row_id, **{**MLP, "data": {**MLP["data"], "micro_batch_size": micro}},
+                     strategy=strategy, resources={"procs_per_node": 4}, parallel=parallel)
+    run = launch_ok(spec)
+    assert_runs_match(mlp_reference, run, TOLERANCE["sgd"])
+    if row_id.startswith("zero3"):  # each stage's half of the model, sharded over 2 data-parallel ranks
+        assert local_param_bytes_of_rank_0(run) < 0.3 * 4 * sum(t.numel() for t in final_params(run).values())
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +103,19 @@ def lm_reference(tmp_path_factory):
             for name, opt in (("sgd", SGD), ("adam", ADAM))}
 
 
-def test_data_2_x_tensor_2_matches_one_process(tmp_path, lm_reference):
-    """With a plan from the spec instead of the model's: attention only (fc1/fc2 stay plain)."""
+@pytest.mark.parametrize("strategy", [{"name": "ddp"}, {"name": "zero", "stage": 2}], ids=["ddp", "zero2"])
+def test_data_2_x_tensor_2_matches_one_process(tmp_path, lm_reference, strategy):
+    """With a plan from the spec instead of the model's: attention only (fc1/fc2 stay plain). DDP
+    replicates; ZeRO-2 also shards every (tensor-parallel or plain) parameter over the 2 data ranks."""
     attention_only = {"blocks.*.attn.[qkv]": "colwise", "blocks.*.attn.o": "rowwise"}
     spec = make_spec(tmp_path, "dp_tp", **{**LM, "data": {**LM["data"], "micro_batch_size": 2}}, optimizer=SGD,
-                     resources={"procs_per_node": 4}, parallel={"data": 2, "tensor": 2, "tp_plan": attention_only})
+                     strategy=strategy, resources={"procs_per_node": 4},
+                     parallel={"data": 2, "tensor": 2, "tp_plan": attention_only})
     run = launch_ok(spec)
     assert_runs_match(lm_reference["sgd"], run, TOLERANCE["sgd"])
     whole = sum(t.numel() for t in final_params(run).values())
-    assert local_param_bytes_of_rank_0(run) == 4 * (whole - sharded_halves(32, 2, attention=True, feed_forward=False))
+    per_tp_rank = 4 * (whole - sharded_halves(32, 2, attention=True, feed_forward=False))
+    assert local_param_bytes_of_rank_0(run) == per_tp_rank // (2 if strategy["name"] == "zero" else 1)
 
 
 def test_tensor_2_matches_one_process_and_resumes_with_tensor_1(tmp_path, lm_reference):
@@ -116,4 +134,23 @@ def test_tensor_2_matches_one_process_and_resumes_with_tensor_1(tmp_path, lm_ref
     before = read_metrics(run)
     train_in_process(spec, "parallel.tensor=1", "resources.procs_per_node=1")
     assert_resumed(run, before, 3)
+    assert_runs_match(reference, run, TOLERANCE["adam"])
+
+
+def test_zero3_tensor_2_resumes_on_another_mesh_as_the_uninterrupted_run(tmp_path, lm_reference):
+    """Adam, ZeRO-3 over dp_shard 2 x tp 2 for steps 1-3 (parameters 2-D DTensors: each rank holds a
+    quarter of every tensor-parallel weight), then that DCP checkpoint resumes at pipeline 2 x
+    dp_shard 2 (1f1b, FSDP2 inside each stage) for steps 4-5: the whole run reads as the
+    uninterrupted 1-process run."""
+    spec = make_spec(tmp_path, "zero3_tp", **{**LM, "data": {**LM["data"], "micro_batch_size": 2}}, optimizer=ADAM,
+                     strategy=ZERO3, resources={"procs_per_node": 4}, parallel={"tensor": 2})
+    run = launch_ok(spec, "training.stop_at_step=3")
+    reference = lm_reference["adam"]
+    at_3 = [load_model_weights(transformer(**LM["model"]["kwargs"]), r / "checkpoints" / "step_00000003").state_dict()
+            for r in (reference, run)]
+    assert max_param_diff(*at_3) < TOLERANCE["adam"]
+    whole = sum(t.numel() for t in at_3[1].values())
+    per_tp_rank = 4 * (whole - sharded_halves(32, 2, attention=True, feed_forward=True))
+    assert local_param_bytes_of_rank_0(run) == per_tp_rank // 2
+    launch_resumed(spec, 3, "parallel.tensor=1", "parallel.pipeline=2")
     assert_runs_match(reference, run, TOLERANCE["adam"])

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -56,7 +57,11 @@ def plant_in_metadata(checkpoint: Path, marker: Path) -> None:
     reseal(checkpoint)
 
 
-def plant_in_bytes_entry(checkpoint: Path, marker: Path, fqn: str = "optim.param_groups.0.lr") -> None:
+# the learning rate of the first parameter (optimizer state is flattened per parameter; strategies/single.py)
+LR_ENTRY = "optim.param_groups.blocks.0.0.weight.lr"
+
+
+def plant_in_bytes_entry(checkpoint: Path, marker: Path, fqn: str = LR_ENTRY) -> None:
     """Replace one non-tensor entry of a .distcp file by a pickled payload, moving later entries."""
     metadata = read_metadata_file(checkpoint / ".metadata")
     index = next(i for i in metadata.storage_data if i.fqn == fqn)
@@ -120,7 +125,7 @@ def test_bytes_entry_payload_is_refused_by_launch(run, tmp_path):
     plant_in_bytes_entry(newest(run_dir), marker)
     result = meshyard("launch", str(spec), "--set", "training.max_steps=6")
     refused_in_one_line(result, marker,
-                        f"{newest(run_dir)}/__0_0.distcp (entry optim.param_groups.0.lr): refused to load")
+                        f"{newest(run_dir)}/__0_0.distcp (entry {LR_ENTRY}): refused to load")
 
 
 def test_bytes_entry_payload_is_refused_in_the_rank(run, tmp_path):
@@ -129,7 +134,7 @@ def test_bytes_entry_payload_is_refused_in_the_rank(run, tmp_path):
     marker = tmp_path / "marker"
     plant_in_bytes_entry(newest(run_dir), marker)
     session = prepare(str(spec), ["training.max_steps=6"])
-    with pytest.raises(CheckpointRefused, match=r"__0_0\.distcp \(entry optim\.param_groups\.0\.lr\): refused to load"):
+    with pytest.raises(CheckpointRefused, match=rf"__0_0\.distcp \(entry {re.escape(LR_ENTRY)}\): refused to load"):
         train(session.spec, session.plan, session.run_dir)
     assert not marker.exists()
     # The same through the weights loader that export, quantize and a distillation teacher use.

@@ -11,29 +11,42 @@ from strategies.pipeline import pipeline_split
 from strategies.tensor_parallel import resolve_tp_plan, tp_targets
 from tests.unit.test_plan import spec_with
 
+ZERO3 = {"name": "zero", "stage": 3}
+
 
 @pytest.mark.parametrize(
-    "procs,parallel,expect",
+    "procs,parallel,strategy,expect,data_parallel",
     [
-        (4, {"tensor": 2}, (2, 2, 1, 1)),
-        (4, {"pipeline": 2, "microbatches": 4}, (2, 1, 2, 4)),
-        (8, {"tensor": 2, "pipeline": 2}, (2, 2, 2, 2)),  # microbatches default to the pipeline degree
-        (4, {"data": 1, "tensor": 2, "pipeline": 2, "schedule": "interleaved_1f1b", "stages_per_rank": 2},
-         (1, 2, 2, 2)),
+        (4, {"tensor": 2}, {}, (2, 1, 2, 1, 1), "FSDP2 replicating over 2 ranks (dp_shard 1"),
+        (4, {"pipeline": 2, "microbatches": 4}, {}, (2, 1, 1, 2, 4), "FSDP2 replicating over 2 ranks"),
+        (8, {"tensor": 2, "pipeline": 2}, {}, (2, 1, 2, 2, 2), "FSDP2 replicating"),  # microbatches: the pp degree
+        (4, {"data": 1, "tensor": 2, "pipeline": 2, "schedule": "interleaved_1f1b", "stages_per_rank": 2}, {},
+         (1, 1, 2, 2, 2), "none (one data-parallel rank)"),
+        (4, {"tensor": 2}, ZERO3, (2, 2, 2, 1, 1), "FSDP2 fully_shard (ZeRO-3)"),
+        (4, {"pipeline": 2}, ZERO3, (2, 2, 1, 2, 2), "FSDP2 fully_shard (ZeRO-3)"),
+        (4, {"data_replicate": 2}, ZERO3, (4, 2, 1, 1, 1), "FSDP2 fully_shard (ZeRO-3, HSDP: replicate 2 x shard 2)"),
+        (8, {"data_shard": 2, "tensor": 2}, {"name": "zero", "stage": 2}, (4, 2, 2, 1, 1),
+         "FSDP2 fully_shard (ZeRO-2, HSDP: replicate 2 x shard 2)"),
     ],
 )
-def test_mesh_degrees_and_batch_identity(procs, parallel, expect):
-    plan = make_plan(spec_with(resources={"procs_per_node": procs}, parallel=parallel))
-    dp, tp, pp, microbatches = expect
-    assert (plan.strategy, plan.dp_degree, plan.tp_degree, plan.pp_degree) == ("mesh", dp, tp, pp)
+def test_mesh_degrees_and_batch_identity(procs, parallel, strategy, expect, data_parallel):
+    plan = make_plan(spec_with(resources={"procs_per_node": procs}, parallel=parallel,
+                               strategy=strategy or {"name": "auto"}))
+    dp, shard, tp, pp, microbatches = expect
+    assert (plan.strategy, plan.dp_degree, plan.tp_degree, plan.pp_degree) == (strategy.get("name", "ddp"), dp, tp, pp)
     assert plan.layout.microbatches == microbatches and plan.layout.dp_degree == dp
+    assert plan.layout.dp_shard_degree == plan.dp_shard_degree == shard
     assert plan.global_batch_size == 24 * 1 * dp  # the data is sharded over dp only
     assert f"mesh             data {dp} x tensor {tp} x pipeline {pp}" in plan.describe()
+    assert f"data parallel    {data_parallel}" in plan.describe()
 
 
-def test_without_model_parallel_there_is_no_mesh_strategy():
+def test_one_data_axis_needs_no_layout():
     plan = make_plan(spec_with(resources={"procs_per_node": 2}))
-    assert plan.strategy == "ddp" and plan.layout is None
+    assert plan.strategy == "ddp" and plan.layout is None and plan.dp_shard_degree == 1
+    plan = make_plan(spec_with(resources={"procs_per_node": 2}, strategy=ZERO3))
+    assert plan.layout is None and plan.dp_shard_degree == 2
+    assert "inferred         parallel.data_shard = 2 (zero stage 3" in plan.describe()
 
 
 @pytest.mark.parametrize(
