@@ -118,6 +118,16 @@ def test_data_2_x_tensor_2_matches_one_process(tmp_path, lm_reference, strategy)
     assert local_param_bytes_of_rank_0(run) == per_tp_rank // (2 if strategy["name"] == "zero" else 1)
 
 
+def tp2_bytes_at_step_3_matching(reference: Path, run: Path) -> int:
+    """Asserts the run's step-3 parameters match the 1-process run's; the fp32 bytes one tensor-parallel
+    rank of 2 holds (attention and feed-forward halved)."""
+    at_3 = [load_model_weights(transformer(**LM["model"]["kwargs"]), r / "checkpoints" / "step_00000003").state_dict()
+            for r in (reference, run)]
+    assert max_param_diff(*at_3) < TOLERANCE["adam"]
+    whole = sum(t.numel() for t in at_3[1].values())
+    return 4 * (whole - sharded_halves(32, 2, attention=True, feed_forward=True))
+
+
 def test_tensor_2_matches_one_process_and_resumes_with_tensor_1(tmp_path, lm_reference):
     """Adam, tp=2 for steps 1-3 (its sharded checkpoint holds DTensor weights and moments; its
     parameters match the 1-process run's step-3 checkpoint), then tp=1 in one process for steps
@@ -126,11 +136,7 @@ def test_tensor_2_matches_one_process_and_resumes_with_tensor_1(tmp_path, lm_ref
                      parallel={"tensor": 2})
     run = launch_ok(spec, "training.stop_at_step=3")
     reference = lm_reference["adam"]
-    at_3 = [load_model_weights(transformer(**LM["model"]["kwargs"]), r / "checkpoints" / "step_00000003").state_dict()
-            for r in (reference, run)]
-    assert max_param_diff(*at_3) < TOLERANCE["adam"]
-    whole = sum(t.numel() for t in at_3[1].values())
-    assert local_param_bytes_of_rank_0(run) == 4 * (whole - sharded_halves(32, 2, attention=True, feed_forward=True))
+    assert local_param_bytes_of_rank_0(run) == tp2_bytes_at_step_3_matching(reference, run)
     before = read_metrics(run)
     train_in_process(spec, "parallel.tensor=1", "resources.procs_per_node=1")
     assert_resumed(run, before, 3)
@@ -146,11 +152,6 @@ def test_zero3_tensor_2_resumes_on_another_mesh_as_the_uninterrupted_run(tmp_pat
                      strategy=ZERO3, resources={"procs_per_node": 4}, parallel={"tensor": 2})
     run = launch_ok(spec, "training.stop_at_step=3")
     reference = lm_reference["adam"]
-    at_3 = [load_model_weights(transformer(**LM["model"]["kwargs"]), r / "checkpoints" / "step_00000003").state_dict()
-            for r in (reference, run)]
-    assert max_param_diff(*at_3) < TOLERANCE["adam"]
-    whole = sum(t.numel() for t in at_3[1].values())
-    per_tp_rank = 4 * (whole - sharded_halves(32, 2, attention=True, feed_forward=True))
-    assert local_param_bytes_of_rank_0(run) == per_tp_rank // 2
+    assert local_param_bytes_of_rank_0(run) == tp2_bytes_at_step_3_matching(reference, run) // 2
     launch_resumed(spec, 3, "parallel.tensor=1", "parallel.pipeline=2")
     assert_runs_match(reference, run, TOLERANCE["adam"])
