@@ -75,8 +75,6 @@ def run_rank(spec_path: Path, clock: StartupClock, exchange: CheckpointExchange 
         return train(spec, plan, spec_path.parent, ranks, preemption, clock, exchange, heartbeat)
     finally:
         if joined_here and dist.is_initialized():
-            if heartbeat is not None:  # its thread reads the Flight Recorder: not while the group is torn down
-                heartbeat.stop()
             dist.destroy_process_group()
 
 
