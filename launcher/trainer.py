@@ -178,10 +178,9 @@ def _train(spec: JobSpec, plan: Plan, run_dir: Path, ranks: RankInfo, preemption
             }
             if timed_tokens:  # token inputs: every data-parallel rank's micro-batches hold as many
                 record["tokens_per_s"] = timed_tokens / elapsed
-            if flops:
+            if flops and peak:  # flops is traced only where the peak is known
                 record["model_flops_per_step"] = flops
-                if peak:
-                    record["mfu"] = flops * timed_steps / elapsed / peak
+                record["mfu"] = flops * timed_steps / elapsed / peak
             if eval_due:
                 heartbeat.update(step, "eval")
                 record.update(evaluate())
