@@ -6,6 +6,16 @@ EXIT_RANK_FAILED = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written, the same command resumes
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C stopped every process of the job
 
+# What a rank raises when another rank of its job died: a consequence, never the root cause.
+PEER_LOSS_SIGNS = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+                   "NCCL communicator was aborted")
+
+
+def lost_a_peer(error: str) -> bool:
+    """Whether a rank's error (its headline first) says only that another rank went away."""
+    headline = error.splitlines()[0] if error else ""
+    return any(sign in headline for sign in PEER_LOSS_SIGNS)
+
 
 class UserError(Exception):
     """Bad input from the user. The CLI prints `error: <message>` and exits 2, no traceback."""
@@ -43,7 +53,11 @@ class LaunchError(Exception):
         lines = []
         for index, (rank, error) in enumerate(self.failures.items()):
             headline, *trace = error.splitlines() or [""]
-            if index == 0:
+            if index == 0 and lost_a_peer(error):
+                # every failure seen here is a consequence: the failing rank is on another node, or died unseen
+                lines.append(f"  rank {rank} (lost its peer; the rank that failed first is not among these):"
+                             f" {headline}")
+            elif index == 0:
                 lines += [f"  rank {rank} (first to fail): {headline}", *(f"    {line}" for line in trace)]
             elif index <= self.LATER_SHOWN:  # usually a consequence: it lost its peer
                 lines.append(f"  rank {rank} (failed after it): {headline}")

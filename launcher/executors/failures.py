@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from launcher.errors import lost_a_peer
 from launcher.worker import GLOBAL_RANK_FILE
 
 TRACE_LINES = 4
@@ -35,9 +36,11 @@ def read_failures(attempt: Path) -> list[Failure]:
 
     Ordered by failure time, except that a rank that died without a Python error (a segfault, an
     out-of-memory kill) comes first: its peers raise "Connection closed by peer" before the agent
-    has even seen it die. Later entries are usually ranks that lost their peer.
+    has even seen it die; and a rank that only lost its peer comes after every rank with an error
+    of its own (on a multi-node job the failing rank may be on another node: this node's ranks
+    then all lost their peer, and the report says so).
     """
-    found: list[tuple[bool, float, Failure]] = []
+    found: list[tuple[bool, bool, float, Failure]] = []
     for error_file in attempt.glob("*/error.json"):
         try:
             when = error_file.stat().st_mtime  # finer than the file's own whole-second timestamp
@@ -53,8 +56,8 @@ def read_failures(attempt: Path) -> list[Failure]:
         tail = [line for line in stack[:-1] if line.strip(" ^~")][-TRACE_LINES:]  # not the caret lines
         headline = message.splitlines()[-1] if message else "?"
         failure = Failure(_global_rank(error_file), "\n".join([headline] + tail), error_file.parent)
-        found.append((AGENT_NOTE not in content, when, failure))
-    return [failure for _, _, failure in sorted(found, key=lambda item: item[:2])]
+        found.append((AGENT_NOTE not in content, lost_a_peer(headline), when, failure))
+    return [failure for *_, failure in sorted(found, key=lambda item: item[:3])]
 
 
 def newest_attempt(log_dir: Path, since: float) -> Path | None:

@@ -71,6 +71,26 @@ def test_the_console_report_stays_short_whatever_the_world_size():
     ]
 
 
+def test_a_rank_that_only_lost_its_peer_is_never_called_the_first_to_fail(tmp_path, monkeypatch):
+    """On a two-node job the node without the failing rank sees only its ranks losing their peer;
+    with the failing rank's error present, that error leads although it was filed later."""
+    attempt = tmp_path / "job_abc" / "attempt_0"
+    for rank, error in ((0, RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1")),
+                        (1, ValueError("bad shape"))):
+        error_file = attempt / str(rank) / "error.json"
+        error_file.parent.mkdir(parents=True)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        try:
+            raise error
+        except Exception as exc:
+            ErrorHandler().record_exception(exc)
+        time.sleep(0.01)
+    report = read_failures(attempt)
+    assert [failure.rank for failure in report] == [1, 0]
+    alone = LaunchError("the job failed", {0: report[1].text}).report()
+    assert alone[0].startswith("  rank 0 (lost its peer; the rank that failed first is not among these): "), alone
+
+
 def test_the_launchers_start_is_its_process_start():
     """What the time to first step counts from: no later than the process started (the test's clock
     before starting it) and no earlier than that (the process's own first line reads the clock)."""
