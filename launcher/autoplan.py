@@ -30,10 +30,7 @@ MORE_RANKS = (2, 4, 8, 16, 32, 64)  # multiples of the node count tried for the 
 class Budget:
     bytes: int
     source: str  # "resources.memory_per_rank", or how the default was detected
-
-    @property
-    def explicit(self) -> bool:
-        return self.source == "resources.memory_per_rank"
+    explicit: bool = False  # the user's, not detected
 
     def describe(self) -> str:
         return f"{human_bytes(self.bytes)} per rank ({self.source})"
@@ -113,7 +110,7 @@ def choose_plan(spec: JobSpec, base: Plan, train_set: Any, cuda: bool) -> AutoCh
     if given is None and spec.resources.nodes > 1:
         return _kept(spec, base, "no resources.memory_per_rank, and each node's launcher plans alone, so a budget"
                                  " detected on one node cannot choose for all")
-    budget = Budget(int(given), "resources.memory_per_rank") if given is not None else detected_budget(
+    budget = Budget(int(given), "resources.memory_per_rank", explicit=True) if given is not None else detected_budget(
         base.device, spec.resources.procs_per_node)
     if not budget.explicit:
         quick = _quick(spec, base, train_set, budget)
