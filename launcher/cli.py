@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                              " launch would run; starts nothing")
     add_where(plan)
     plan.add_argument("--json", action="store_true", help="plan and estimate as JSON (bytes as integers), for scripts")
+    plan.add_argument("--explain", action="store_true",
+                      help="strategy auto: every candidate plan with its predicted peak memory per rank and step"
+                           " time, and why it was or was not chosen (in --json always)")
     calibrate = commands.add_parser(
         "calibrate", help="measure this machine's matmul FLOP/s per process and collective bandwidth, for the"
                           " plan's predicted step time and the metrics' MFU",
@@ -204,16 +207,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.planreport import plan_json, plan_text
+    from launcher.autoplan import NoPlanFits
+    from launcher.planreport import explain_text, no_plan_fits_json, plan_json, plan_text
     from launcher.session import prepare
 
     options, overrides = resolve_where(args)
-    session = prepare(args.spec, overrides)
+    try:
+        session = prepare(args.spec, overrides)
+    except NoPlanFits as exc:  # the candidates are the explanation; the error still ends the command
+        if args.json or args.explain:
+            print(json.dumps(no_plan_fits_json(exc), indent=1) if args.json else explain_text(exc))
+        raise
     request = session.dry_run(options)
     if args.json:
         print(json.dumps(plan_json(session, request), indent=1, default=str))
     else:
-        print(plan_text(session, request))
+        print(plan_text(session, request, args.explain))
     return 0
 
 

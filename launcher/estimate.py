@@ -197,9 +197,16 @@ def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: 
             "collectives": {op: size for op, size in collectives.items() if size}}
 
 
-def build_estimate(spec: JobSpec, plan: Plan, train_set: Any) -> Estimate:
-    """The estimate for `plan`, tracing a micro-batch of `train_set`'s first samples."""
-    from launcher.components import build_collate, build_loss
+# Traces already made, by (tensor degree, traced samples): candidates that differ only in how they
+# shard model state, or in pipeline depth at the same micro-batch, trace the same (auto, launcher/candidates.py).
+TraceCache = dict[tuple[int, int], "tuple[Trace, Trace] | str"]
+
+
+def build_estimate(spec: JobSpec, plan: Plan, train_set: Any, trace: bool = True,
+                   traces: TraceCache | None = None) -> Estimate:
+    """The estimate for `plan`, tracing a micro-batch of `train_set`'s first samples (trace=False: model
+    state only, without the ~1 s that importing the fake-tensor machinery costs a process; `traces`:
+    reuse and keep the traces of other plans of the same spec)."""
     from launcher.errors import PlanError
     from launcher.plan import meta_model
     from strategies.layers import find_layers
@@ -218,19 +225,27 @@ def build_estimate(spec: JobSpec, plan: Plan, train_set: Any) -> Estimate:
     total = sum(p.numel() for p in model.parameters())
     m = plan.layout.microbatches if plan.layout is not None and plan.pp_degree > 1 else 1
     samples = plan.micro_batch_size // m
-    collate = build_collate(spec.data) or _default_collate
-    full: Trace | None = None
-    local: Trace | None = None
-    not_traced = None
-    try:
-        batch = _sample_batch(train_set, samples, collate)
-        full, local = _traces(spec, plan, model, layers, tp_styles, batch, build_loss(spec.loss))
-    except NotTraced as exc:
-        not_traced = str(exc)
+    cache = traces if traces is not None else {}
+    key = (plan.tp_degree, samples)
+    if trace and key not in cache:
+        cache[key] = _trace_or_why(spec, plan, model, layers, tp_styles, train_set, samples)
+    traced = cache[key] if trace else "not asked for"
+    full, local = (None, None) if isinstance(traced, str) else traced
     ranks = tuple(_rank_estimate(spec, plan, rank, counts, local) for rank, counts in enumerate(parts))
     flops = None if full is None else full.flops * m * plan.grad_accum_steps * plan.dp_degree
     return Estimate(total_params=total, ranks=ranks, traced_samples=samples, flops_per_step=flops,
-                    not_traced=not_traced)
+                    not_traced=traced if isinstance(traced, str) else None)
+
+
+def _trace_or_why(spec: JobSpec, plan: Plan, model: Any, layers: Any, tp_styles: dict[str, str], train_set: Any,
+                  samples: int) -> tuple[Trace, Trace] | str:
+    from launcher.components import build_collate, build_loss
+
+    try:
+        batch = _sample_batch(train_set, samples, build_collate(spec.data) or _default_collate)
+        return _traces(spec, plan, model, layers, tp_styles, batch, build_loss(spec.loss))
+    except NotTraced as exc:
+        return str(exc)
 
 
 def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, local: Trace | None) -> RankEstimate:

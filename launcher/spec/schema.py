@@ -10,12 +10,23 @@ from __future__ import annotations
 import types
 from typing import Any, Literal, Union, cast, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 MAX_SEED = 2**32  # numpy's range; the sampler's seed * 1_000_003 + epoch must also fit torch's 64-bit seed
 MAX_TIMEOUT_S = 86_400.0  # a day: longer is a typo, and some backends overflow on .inf
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
 def _refuses_bool(annotation: Any) -> bool:
@@ -146,8 +157,9 @@ class TrainingSpec(Section):
 class StrategySpec(Section):
     name: Literal["auto", "single", "ddp", "zero", "deepspeed"] = Field(
         default="auto",
-        description="auto = single for one process, ddp otherwise; zero = ZeRO sharding with torch FSDP2/"
-                    "ZeroRedundancyOptimizer; deepspeed = DeepSpeed's engine",
+        description="auto = the cheapest plan (ddp, zero 1/2/3, tensor/pipeline degrees) whose predicted peak fits"
+                    " resources.memory_per_rank (single for one process, ddp when it fits); zero = ZeRO sharding with"
+                    " torch FSDP2/ZeroRedundancyOptimizer; deepspeed = DeepSpeed's engine",
     )
     stage: int | None = Field(default=None, ge=0, le=3,
                               description="ZeRO stage: 1-3 with name zero, 0-3 with name deepspeed")
@@ -223,6 +235,23 @@ class ResourcesSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto",
                                                    description="auto = cuda+nccl if present, else cpu+gloo")
     max_restarts: int = Field(default=0, ge=0, description="elastic restarts of the whole worker group")
+    memory_per_rank: ByteSize | None = Field(
+        default=None, description="strategy auto: the memory each rank's training may use, bytes or a size such as"
+                                  " 4GiB or 512MiB (GB = 10**9); null = the GPU's memory, or on CPU host RAM /"
+                                  " processes per node, x 0.8 (docs/planning.md)")
+
+    @field_validator("memory_per_rank", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            size = None if isinstance(value, bool) else _BYTE_SIZE.validate_python(value)
+        except ValidationError:
+            size = None
+        if not size:
+            raise ValueError(f"expected a positive number of bytes or a size such as 4GiB or 512MiB (got {value!r})")
+        return size
 
 
 class CheckpointSpec(Section):

@@ -36,6 +36,8 @@ CASES = [
     ("missing attribute", {"data": {"target": "launcher.data:no_such_dataset"}}, [],
      "data.target: module 'launcher.data' has no attribute 'no_such_dataset'"),
     ("unimportable loss", {"loss": "no_such_pkg:loss"}, [], "loss: cannot import module 'no_such_pkg'"),
+    ("memory budget not a size", {"resources": {"memory_per_rank": "lots"}}, [],
+     "resources.memory_per_rank: expected a positive number of bytes or a size such as 4GiB or 512MiB (got 'lots')"),
     ("mesh does not factor", {"parallel": {"data": 3}, "resources": {"procs_per_node": 2}}, [],
      "parallel: data 3 x tensor 1 x pipeline 1 = 3 does not equal the world size 2"),
     ("mesh degrees vs world", {"parallel": {"data": 2, "tensor": 2, "pipeline": 2}, "resources": {"procs_per_node": 4}},
