@@ -54,3 +54,26 @@ def fake_rank(rank: int, world_size: int) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def forget_rank_caches() -> None:
+    """Clear DTensor's caches of sharding decisions before another rank is played, when the ranks
+    played since the last clear held unevenly sharded tensors.
+
+    DTensor caches them by global shapes and placements, not by rank: in a real process the rank
+    never changes, but the local size of an uneven shard does change with it (30 columns over 4
+    ranks: 8, 8, 8, 6). Without this, rank 3 would reuse rank 0's local shapes and fail where a
+    launch does not. (Even shards give every rank the same entries, and recomputing them costs
+    several times the rest of a simulated step, hence "when".) Both caches are torch internals (a
+    private debug helper and a private function's functools cache), so their absence is an error
+    rather than a silently wrong result."""
+    from torch.distributed.tensor import _redistribute, debug
+
+    try:
+        clear_sharding_propagation = debug._clear_sharding_prop_cache
+        clear_redistribute_plans = _redistribute._gen_transform_infos.cache_clear
+    except AttributeError as exc:
+        raise FakeBackendMissing(f"torch {torch.__version__}: DTensor's per-rank caches moved ({exc}); simulating"
+                                 " several ranks in one process would reuse one rank's shapes for another") from None
+    clear_sharding_propagation()
+    clear_redistribute_plans()

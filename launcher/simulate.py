@@ -152,7 +152,7 @@ def _simulated_strategy_class() -> type[ComposedStrategy]:
     return SimulatedStrategy
 
 
-@dataclass(frozen=True)
+@dataclass
 class RankRun:
     """What every simulated rank shares: the job's settings, the batch and the whole model's shapes."""
 
@@ -163,6 +163,7 @@ class RankRun:
     reference: Reference
     checked: set[str]
     layer_ranges: list[range]  # layer indices of each stage
+    uneven: bool = False  # the last rank run held an unevenly sharded parameter (see fake_pg.forget_rank_caches)
 
     def run(self, ranks: tuple[int, ...], coordinates: dict[str, int]) -> GroupResult:
         """Simulate ranks[0], standing for `ranks`."""
@@ -177,6 +178,7 @@ class RankRun:
             except Exception as exc:  # the layout cannot even be built on this rank
                 return GroupResult(ranks, coordinates, stages, 0, (failure(ranks, "build", None, None, exc),))
             held = sum(local(p).numel() for p in strategy.module.parameters())
+            self.uneven = any(unevenly_sharded(p) for p in strategy.module.parameters())
             names = {m: n for n, m in strategy.module.named_modules() if n}
             indices: list[int | None] = [*stages] or [None]  # no pipeline: the one part is the model
             found = (self._run_stage(strategy, part, i, names, ranks) for part, i in zip(strategy.parts, indices))
@@ -251,6 +253,21 @@ class RankRun:
         return None
 
 
+def unevenly_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor whose shards differ in size from rank to rank: a sharded dim the product of its mesh
+    axes does not divide."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return False
+    ways: dict[int, int] = {}
+    for axis, placement in enumerate(tensor.placements):
+        dim = getattr(placement, "dim", None)  # Shard, and FSDP-over-TP's _StridedShard (not a Shard subclass)
+        if dim is not None:
+            ways[dim] = ways.get(dim, 1) * tensor.device_mesh.size(axis)
+    return any(tensor.shape[dim] % n for dim, n in ways.items())
+
+
 def failure(ranks: tuple[int, ...], phase: str, stage: int | None, module: str | None, exc: Exception) -> Problem:
     return Problem(ranks, phase, stage, module, one_line(exc), simulated=not _fake_limit(exc))
 
@@ -295,6 +312,7 @@ def _simulate(session: Session, started: float) -> Simulation:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from launcher.components import batch_feed, build_loss
+    from launcher.fake_pg import forget_rank_caches
     from launcher.plan import meta_model
     from launcher.trace import fake_model
     from strategies import data_parallel_layout
@@ -330,11 +348,15 @@ def _simulate(session: Session, started: float) -> Simulation:
     ranges = stage_block_ranges(len(layers or ()), layout.num_stages, layout.split_points, path or "") \
         if plan.pp_degree > 1 else []
     runner = RankRun(session, layout, mode, batch, reference, checked, ranges)
-    groups = tuple(runner.run(ranks, coordinates) for coordinates, ranks in rank_groups(layout))
+    groups = []
+    for coordinates, ranks in rank_groups(layout):
+        if runner.uneven:
+            forget_rank_caches()
+        groups.append(runner.run(ranks, coordinates))
     how = (f"fake process group of {plan.world_size} ranks (pp {layout.pp_degree} x dp_replicate"
            f" {layout.dp_replicate_degree} x dp_shard {layout.dp_shard_degree} x tp {layout.tp_degree}), one rank per"
            f" (pp, dp_shard, tp) coordinate, model on fake tensors, a batch of {samples}")
-    return Simulation(plan.world_size, groups, time.perf_counter() - started, how)
+    return Simulation(plan.world_size, tuple(groups), time.perf_counter() - started, how)
 
 
 def _fake_batch(session: Session, samples: int, mode: FakeTensorMode) -> Any:

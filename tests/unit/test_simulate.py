@@ -63,18 +63,16 @@ def test_a_reversed_column_row_pair_fails_in_its_first_layer_on_every_rank(tmp_p
 
 
 def test_a_column_wise_head_over_a_vocabulary_tp_does_not_divide_is_caught_per_tensor_rank(tmp_path):
-    # the head's 30 logits over 4 tensor ranks: 8, 8, 8 and 6 columns, and none of them the whole output
+    # The head's 30 logits over 4 tensor ranks: 8, 8, 8 and 6 columns each, none of them the whole output
+    # (a 4-rank launch of this plan fails in the loss on every rank: "IndexError: Target 12 is out of bounds").
     session = prepare(str(EXAMPLE), overrides(tmp_path, "model.kwargs.vocab_size=30", tp_plan({"head": "colwise"})))
     result = simulate(session)
-    assert not result.ok
     found = {(problem.ranks, problem.stage, problem.module): problem.detail for problem in result.problems}
     last_stage = range(48, 64)
-    assert list(found) == [(tuple(r for r in last_stage if r % 4 != 3), 3, "head"),
-                           (tuple(r for r in last_stage if r % 4 == 3), 3, "head")]
-    first, last = found.values()
-    assert first == "output [4, 32, 8], but the whole model's is [4, 32, 30]"
-    assert last.startswith("RuntimeError: shape '[4, 32, 8]' is invalid")
-    assert "error: ranks 48-50, 52-54, 56-58, 60-62: forward, stage 3, head: output [4, 32, 8]" in result.describe()
+    whole = "but the whole model's is [4, 32, 30]"
+    assert found == {(tuple(r for r in last_stage if r % 4 != 3), 3, "head"): f"output [4, 32, 8], {whole}",
+                     (tuple(r for r in last_stage if r % 4 == 3), 3, "head"): f"output [4, 32, 6], {whole}"}
+    assert "error: ranks 51, 55, 59, 63: forward, stage 3, head: output [4, 32, 6]" in result.describe()
 
 
 def test_plain_data_parallel_runs_one_program_so_it_is_simulated_once(tmp_path):
