@@ -220,7 +220,8 @@ class RankRun:
                 args, kwargs = (torch.empty(shape, dtype=dtype, requires_grad=True),), {}
             try:
                 with recorder.attached(), autocast_cpu(strategy.autocast_dtype):
-                    output = model_output(part(*args, **kwargs))
+                    returned = part(*args, **kwargs)
+                output = model_output(returned)
             except Exception as exc:
                 return failure(ranks, "forward", stage, recorder.innermost, exc)
             mismatch = self._first_mismatch(recorder, stage, tuple(output.shape), last)
@@ -228,7 +229,7 @@ class RankRun:
                 return Problem(ranks, "forward", stage, *mismatch)
             try:
                 if last:
-                    strategy.feed.loss(output, target, strategy.loss_fn).backward()
+                    strategy.feed.loss(returned, target, strategy.loss_fn).backward()  # loss: model reads `loss`
                 else:
                     output.backward(torch.empty_like(output))
             except Exception as exc:
