@@ -92,3 +92,15 @@ def test_rank_groups_follow_the_ranks_init_device_mesh_lays_out():
                 assert {axis: mesh.rank(axis) for axis in coordinates} == coordinates
             seen.append(rank)
     assert sorted(seen) == list(range(16))
+
+
+def test_an_hf_llama_with_its_own_loss_simulates_with_and_without_pipeline_stages(tmp_path):
+    # loss: model (the loss reads the model's output, not its logits); pipeline stages check the
+    # batch's attention mask by value, which the simulated batch keeps
+    spec = str(REPO / "examples" / "hf_llama_3d.yaml")
+    for pipeline in (2, 1):
+        session = prepare(spec, [f"output.dir={tmp_path}", "resources.procs_per_node=8", "parallel.tensor=2",
+                                 f"parallel.pipeline={pipeline}", "parallel.data=-1"])
+        result = simulate(session)
+        assert result.ok, result.describe()
+        assert len(result.groups) == 2 * pipeline and result.groups[-1].local_params > 0
