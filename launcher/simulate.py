@@ -37,12 +37,12 @@ from launcher.errors import UserError
 from launcher.simreport import GroupResult, Problem, Simulation
 from launcher.trace import one_line
 from strategies.batch import BatchFeed, model_output, tree_map
+from strategies.composed import ComposedStrategy  # this module is imported only by `plan --simulate`
 
 if TYPE_CHECKING:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from launcher.session import Session
-    from strategies.composed import ComposedStrategy
     from strategies.layout import MeshLayout
 
 Shape = tuple[int, ...]
@@ -139,17 +139,12 @@ def autocast_cpu(dtype: torch.dtype | None) -> contextlib.AbstractContextManager
 
 # -- one rank -------------------------------------------------------------------------------------
 
-def _simulated_strategy_class() -> type[ComposedStrategy]:
-    from strategies.composed import ComposedStrategy
+class SimulatedStrategy(ComposedStrategy):
+    """The composed strategy with its starting weights left out: the model stays on the meta device
+    through split, tensor parallel and FSDP2; its parts get fake storage afterwards."""
 
-    class SimulatedStrategy(ComposedStrategy):
-        """The composed strategy with its starting weights left out: the model stays on the meta
-        device through split, tensor parallel and FSDP2; its parts get fake storage afterwards."""
-
-        def _materialize(self, recipe: Any, model: nn.Module, owner: nn.Module) -> None:
-            return None
-
-    return SimulatedStrategy
+    def _materialize(self, recipe: Any, model: nn.Module, owner: nn.Module) -> None:
+        return None
 
 
 @dataclass
@@ -163,7 +158,7 @@ class RankRun:
     reference: Reference
     checked: set[str]
     layer_ranges: list[range]  # layer indices of each stage
-    uneven: bool = False  # the last rank run held an unevenly sharded parameter (see fake_pg.forget_rank_caches)
+    uneven: bool = False  # the last rank run may have cached rank-dependent shapes (fake_pg.forget_rank_caches)
 
     def run(self, ranks: tuple[int, ...], coordinates: dict[str, int]) -> GroupResult:
         """Simulate ranks[0], standing for `ranks`."""
@@ -176,6 +171,7 @@ class RankRun:
             try:
                 strategy = self._build()
             except Exception as exc:  # the layout cannot even be built on this rank
+                self.uneven = True  # what it cached before failing is unknown
                 return GroupResult(ranks, coordinates, stages, 0, (failure(ranks, "build", None, None, exc),))
             held = sum(local(p).numel() for p in strategy.module.parameters())
             self.uneven = any(unevenly_sharded(p) for p in strategy.module.parameters())
@@ -199,8 +195,8 @@ class RankRun:
         from strategies.model_init import ModelRecipe
 
         spec, plan = self.session.spec, self.session.plan
-        strategy = _simulated_strategy_class()(torch.device("cpu"), spec.training.precision, self.layout,
-                                                plan.zero_stage, batch_feed(spec))
+        strategy = SimulatedStrategy(torch.device("cpu"), spec.training.precision, self.layout, plan.zero_stage,
+                                     batch_feed(spec))
         strategy.setup(ModelRecipe(model_factory(spec.model), init="meta", seed=spec.seed),
                        optimizer_factory(spec.optimizer), build_loss(spec.loss))
         with self.mode:
