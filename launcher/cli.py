@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--explain", action="store_true",
                       help="strategy auto: every candidate plan with its predicted peak memory per rank and step"
                            " time, and why it was or was not chosen (in --json always)")
+    plan.add_argument("--simulate", action="store_true",
+                      help="also build every rank's sharded model and run one step's shapes at the full world size in"
+                           " this process (fake process group, fake tensors); exit 2 on errors a launch would hit")
     calibrate = commands.add_parser(
         "calibrate", help="measure this machine's matmul FLOP/s per process and collective bandwidth, for the"
                           " plan's predicted step time and the metrics' MFU",
@@ -219,11 +222,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(json.dumps(no_plan_fits_json(exc), indent=1) if args.json else explain_text(exc))
         raise
     request = session.dry_run(options)
+    simulation = None
+    if args.simulate:
+        from launcher.simulate import simulate
+
+        simulation = simulate(session)
     if args.json:
-        print(json.dumps(plan_json(session, request), indent=1, default=str))
+        extra = {"simulation": simulation.to_dict()} if simulation is not None else {}
+        print(json.dumps({**plan_json(session, request), **extra}, indent=1, default=str))
     else:
-        print(plan_text(session, request, args.explain))
-    return 0
+        print("\n".join([plan_text(session, request, args.explain),
+                         *([simulation.describe()] if simulation is not None else [])]))
+    return EXIT_USER_ERROR if simulation is not None and not simulation.ok else 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
