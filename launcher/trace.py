@@ -8,7 +8,9 @@ pipeline estimate can sum the segments of each stage.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +116,19 @@ class _Segments:
         self.current, self._mark = segment, total
 
 
+@contextlib.contextmanager
+def _fake_tensor_log_quiet() -> Iterator[None]:
+    """FakeTensorMode logs a full traceback for an op whose shapes do not fit (a wrong tp plan) before
+    raising; the estimate reports that error on one line instead (NotTraced)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: BatchFeed, loss_fn: LossFn,
                       precision: str, layers: nn.ModuleList | None, tp_styles: dict[str, str]) -> Trace:
     """Forward (with the loss) and backward of `batch` on the fake `model`; NotTraced with the reason."""
@@ -150,7 +165,7 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     handles += [model.get_submodule(name).register_forward_hook(on_tp_layer(style))
                 for name, style in tp_styles.items()]
     try:
-        with mode, counter:
+        with mode, counter, _fake_tensor_log_quiet():
             args, kwargs, target = feed.split(tree_map(mode.from_tensor, batch))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
