@@ -82,7 +82,9 @@ class Plan:
             return f"DeepSpeed ZeRO-{self.zero_stage} over {self.dp_degree} ranks"
         if self.dp_shard_degree > 1:
             hsdp = f", HSDP: replicate {replicate} x shard {self.dp_shard_degree}" if replicate > 1 else ""
-            return f"FSDP2 fully_shard (ZeRO-{self.zero_stage}{hsdp})"
+            offloaded = self.layout is not None and self.layout.offload
+            offload = ", CPU offload of parameters, gradients and optimizer state" if offloaded else ""
+            return f"FSDP2 fully_shard (ZeRO-{self.zero_stage}{hsdp}{offload})"
         if self.tp_degree > 1 or self.pp_degree > 1:
             return f"FSDP2 replicating over {replicate} ranks (dp_shard 1: DDP on a tensor/pipeline mesh, as HSDP)"
         return "DDP" + (" + ZeroRedundancyOptimizer (ZeRO-1)" if self.zero_stage == 1 else "")
@@ -166,6 +168,11 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     elif device == "cuda" and not cuda_available:
         raise PlanError("resources.device=cuda but no CUDA device is visible; use cpu or auto")
     backend = "nccl" if device == "cuda" else "gloo"
+    if _offloads(spec, device, dp, inferred):
+        layout = dataclasses.replace(layout or _mesh_layout(spec, dp, shard, inferred), offload=True)
+    if spec.training.precision == "bf16" and _uses_fsdp(strategy, dp, shard, model_degree):
+        inferred.append("training.precision = bf16 under FSDP2: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype="
+                        "fp32), no autocast; the sharded weights and the optimizer state stay fp32")
 
     if spec.training.stop_at_step is not None and spec.training.stop_at_step > spec.training.max_steps:
         raise PlanError(
@@ -187,6 +194,27 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
             strategy, stage, shard if strategy == "zero" and stage in (2, 3) else dp, spec.optimizer),
         threads_per_rank=threads, allocator_env=allocator_env(device, inferred), inferred=tuple(inferred),
     )
+
+
+def _uses_fsdp(strategy: str, dp: int, shard: int, model_degree: int) -> bool:
+    """Whether FSDP2 wraps the model (strategies/composed.py decides the same way): ZeRO-2/3, or data
+    parallel on a mesh with tensor or pipeline parallel."""
+    return strategy in ("ddp", "zero") and dp > 1 and (shard > 1 or model_degree > 1)
+
+
+def _offloads(spec: JobSpec, device: str, dp: int, inferred: list[str]) -> bool:
+    """`strategy.offload: cpu` (zero stage 3, the schema checks): FSDP2's CPUOffloadPolicy on CUDA; on a
+    CPU device accepted and said to be a no-op, so one spec runs on a laptop and on a GPU cluster."""
+    if spec.strategy.offload == "none":
+        return False
+    if device != "cuda":
+        inferred.append(f"strategy.offload = cpu is a no-op on device {device}: parameters, gradients and optimizer"
+                        " state live in host memory already")
+        return False
+    if dp == 1:
+        raise PlanError("strategy.offload=cpu with one data-parallel rank: ZeRO-3 shards nothing there, so nothing"
+                        " would be offloaded; use 2 or more data-parallel ranks, or offload: none")
+    return True
 
 
 def _check_profile(spec: JobSpec, world: int) -> None:

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from strategies.base import Batch, LossFn, OptimizerFactory
 from strategies.batch import BatchFeed, to_device, tree_map
 from strategies.ddp import DDPOptions, apply_ddp
-from strategies.fsdp import apply_fsdp, load_local_state, local_initial_state
+from strategies.fsdp import apply_fsdp, load_local_state, local_initial_state, mixed_precision
 from strategies.grads import StageSum
 from strategies.layers import find_layers
 from strategies.layout import MeshLayout
@@ -58,6 +58,10 @@ class ComposedStrategy(SingleProcessStrategy):
         self.has_last_stage = layout.num_stages - 1 in local_stages
         # data parallel by FSDP2, not DDP (see the module docstring)
         self.fsdp = layout.dp_shard_degree > 1 or layout.tp_degree > 1 or layout.pp_degree > 1
+        # bf16 where FSDP2 wraps the model is its MixedPrecisionPolicy, not autocast (strategies/fsdp.py)
+        self.mp_policy = mixed_precision(precision if self.fsdp and self.dp_size > 1 else "fp32")
+        if self.mp_policy.param_dtype is not None:
+            self.autocast_dtype = None
         self._loss_scale = 1.0
         # loss: model under pipeline parallel (see setup)
         self._model_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -86,7 +90,7 @@ class ComposedStrategy(SingleProcessStrategy):
             for stage, index in zip(stages, self.layout.stage_indices(self.pp_rank))
         ]
         if initial is not None:
-            load_local_state(owner, initial, self.device)
+            load_local_state(owner, initial, self.device, self.layout.offload)
         self.module, self.stages, self.model = owner, stages, self.parts[0]
         if self.zero_stage == 1 and self.dp_size > 1:
             self.optimizer = shard_optimizer(owner.parameters(), build_optimizer, self.mesh.group("dp_replicate"))
@@ -109,7 +113,8 @@ class ComposedStrategy(SingleProcessStrategy):
             mine = {id(module) for module in owner.modules()}
             for _ in recipe.materialize(model, keep=lambda module: id(module) in mine):
                 pass
-        owner.to(self.device)
+        if not self.layout.offload:  # offloaded, fully_shard takes each group to the device to shard it
+            owner.to(self.device)
         return None
 
     def parallelize(self, part: nn.Module, layers: list[nn.Module], tp_plan: dict[str, str],
@@ -123,7 +128,9 @@ class ComposedStrategy(SingleProcessStrategy):
         if self.dp_size == 1:
             return part
         if self.fsdp:
-            return apply_fsdp(part, self.mesh.fsdp_mesh(), reshard_after_forward=self.zero_stage == 3, layers=layers)
+            return apply_fsdp(part, self.mesh.fsdp_mesh(), reshard_after_forward=self.zero_stage == 3, layers=layers,
+                              mp_policy=self.mp_policy, offload=self.layout.offload,
+                              fp32_output=self.layout.pp_degree == 1 or is_last)
         return apply_ddp(part, self.mesh["dp_replicate"], self.device, self.ddp_options)
 
     @property

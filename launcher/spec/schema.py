@@ -137,7 +137,11 @@ class ScheduleSpec(Section):
 class TrainingSpec(Section):
     max_steps: int = Field(gt=0, description="optimizer steps; the LR schedule spans these")
     grad_accum_steps: int = Field(default=1, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="bf16: where FSDP2 shards or replicates the model (zero 2/3, or data parallel on a tensor/pipeline"
+                    " mesh) its MixedPrecisionPolicy: bf16 parameters and compute, fp32 gradient reduction, weights and"
+                    " optimizer state; elsewhere autocast; with deepspeed its bf16 mode")
     log_every: int = Field(default=10, gt=0)
     eval_every: int = Field(default=0, ge=0, description="0 = only at the end (when an eval split exists)")
     checkpoint_every: int = Field(default=0, ge=0, description="0 = only at the end")
@@ -165,6 +169,10 @@ class StrategySpec(Section):
                               description="ZeRO stage: 1-3 with name zero, 0-3 with name deepspeed")
     offload_optimizer: Literal["none", "cpu"] = Field(
         default="none", description="deepspeed only: keep optimizer state (and its step) in CPU memory")
+    offload: Literal["none", "cpu"] = Field(
+        default="none", description="zero stage 3 only: keep parameter shards, gradients and optimizer state (and its"
+                                    " step) in CPU memory (FSDP2 CPUOffloadPolicy); on CUDA devices; a no-op on CPU"
+                                    " devices, where they live in host memory already")
     config: str | None = Field(
         default=None, description="deepspeed only: a DeepSpeed JSON config merged into the one written from the"
                                   " spec (a value both set differently is an error)")
@@ -183,6 +191,9 @@ class StrategySpec(Section):
             raise ValueError("stage: required with name zero (1, 2 or 3) or deepspeed (0-3), and only with them")
         if self.name != "deepspeed" and (self.offload_optimizer != "none" or self.config is not None):
             raise ValueError("offload_optimizer and config apply to name deepspeed only")
+        if self.offload != "none" and not (self.name == "zero" and self.stage == 3):
+            raise ValueError("offload applies to name zero stage 3 only (FSDP2 offloads parameters, gradients and"
+                             " optimizer state); with name deepspeed use offload_optimizer")
         if (self.find_unused_parameters or self.static_graph) and not (
                 self.name in ("ddp", "auto") or (self.name == "zero" and self.stage == 1)):
             raise ValueError("find_unused_parameters and static_graph apply to name ddp (or auto)"

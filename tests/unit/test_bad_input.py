@@ -131,6 +131,9 @@ CASES = [
      "strategy.stage: Input should be less than or equal to 3"),
     ("offload without deepspeed", {"strategy": {"name": "ddp", "offload_optimizer": "cpu"}}, [],
      "strategy: offload_optimizer and config apply to name deepspeed only"),
+    ("offload below zero stage 3", {"strategy": {"name": "zero", "stage": 2, "offload": "cpu"}}, [],
+     "strategy: offload applies to name zero stage 3 only (FSDP2 offloads parameters, gradients and optimizer"
+     " state); with name deepspeed use offload_optimizer"),
     ("deepspeed config not found", {"strategy": {"name": "deepspeed", "stage": 1, "config": "no_such.json"}}, [],
      "strategy.config=no_such.json: no such file"),
     ("deepspeed cannot skip", {"strategy": {"name": "deepspeed", "stage": 2}, "training": {"on_nonfinite": "skip"}}, [],
