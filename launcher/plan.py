@@ -193,9 +193,9 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
 def _check_layer_options(spec: JobSpec, strategy: str, device: str) -> None:
     """Activation checkpointing and compile: where they cannot apply, and compile's C++ compiler."""
     training = spec.training
-    asked = [f"training.{name}={value}" for name, value, off in (
-        ("activation_checkpointing", training.activation_checkpointing, "none"), ("compile", training.compile, False))
-        if value != off]
+    asked = [f"training.activation_checkpointing={training.activation_checkpointing}"
+             ] if training.activation_checkpointing != "none" else []
+    asked += ["training.compile=true"] if training.compile else []
     if asked and strategy == "deepspeed":
         raise PlanError(f"{' and '.join(asked)} with strategy deepspeed: not applied to DeepSpeed's engine (its ZeRO-3"
                         " fetches parameters in its own module hooks, and its activation checkpointing and compile are"

@@ -1,12 +1,15 @@
 """`training.compile`: torch.compile each repeated layer, as torchtitan does.
 
-Per layer rather than the whole model: identical layers share one compiled graph (parameters are
-graph inputs, not constants), compile time stays that of one layer, and the data-parallel wrapper
-applied afterwards (FSDP2, DDP) stays outside the compiled code (`torch.compile(DDP(model))` broke
-into graphs here; DDP over compiled layers compiled cleanly). `Module.compile()` compiles the
-layer's `__call__` in place, so parameter names keep no `_orig_mod.` prefix and checkpoints read
-the same with and without compile. Compilation happens at the first call: the first step (and the
-first evaluation, a second graph without autograd) pays it.
+Per layer rather than the whole model: identical layers share one compiled graph, compile time
+stays that of a layer or two, and the data-parallel wrapper applied afterwards (FSDP2, DDP) stays
+outside the compiled code (`torch.compile(DDP(model))` broke into graphs here; DDP over compiled
+layers compiled cleanly). The layer's `forward` is replaced by a compiled function calling it,
+leaving the module tree as it is, so parameter names, checkpoints and exports are the same with and
+without compile. Neither torch's own way does both: `torch.compile(layer)` returns a wrapper whose
+`_orig_mod.` would enter every name, and `layer.compile()` compiles the module's `_call_impl`, a
+torch.nn frame that dynamo skips, so a layer whose `forward` is torch's own (nn.Sequential) was
+silently left uncompiled. Compilation happens at the first call: the first step (and the first
+evaluation, another graph without autograd) pays it.
 """
 from __future__ import annotations
 
