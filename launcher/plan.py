@@ -173,6 +173,7 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     if spec.training.precision == "bf16" and _uses_fsdp(strategy, dp, shard, model_degree):
         inferred.append("training.precision = bf16 under FSDP2: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype="
                         "fp32), no autocast; the sharded weights and the optimizer state stay fp32")
+    _check_layer_options(spec, strategy, device)
 
     if spec.training.stop_at_step is not None and spec.training.stop_at_step > spec.training.max_steps:
         raise PlanError(
@@ -215,6 +216,26 @@ def _offloads(spec: JobSpec, device: str, dp: int, inferred: list[str]) -> bool:
         raise PlanError("strategy.offload=cpu with one data-parallel rank: ZeRO-3 shards nothing there, so nothing"
                         " would be offloaded; use 2 or more data-parallel ranks, or offload: none")
     return True
+
+
+def _check_layer_options(spec: JobSpec, strategy: str, device: str) -> None:
+    """Activation checkpointing and compile: where they cannot apply, and compile's C++ compiler."""
+    training = spec.training
+    asked = [f"training.activation_checkpointing={training.activation_checkpointing}"
+             ] if training.activation_checkpointing != "none" else []
+    asked += ["training.compile=true"] if training.compile else []
+    if asked and strategy == "deepspeed":
+        raise PlanError(f"{' and '.join(asked)} with strategy deepspeed: not applied to DeepSpeed's engine (its ZeRO-3"
+                        " fetches parameters in its own module hooks, and its activation checkpointing and compile are"
+                        " its own); use strategy zero (FSDP2) or ddp, or turn them off")
+    if training.compile and device == "cpu":
+        from strategies.compilation import missing_cpp_compiler
+
+        missing = missing_cpp_compiler()
+        if missing is not None:
+            raise PlanError(f"training.compile=true: torch.compile (inductor) builds C++ kernels on CPU, but {missing}"
+                            " is not on PATH; install one (apt-get install g++) or point CXX at it, or set"
+                            " training.compile: false")
 
 
 def _check_profile(spec: JobSpec, world: int) -> None:
@@ -330,7 +351,8 @@ def check_model_layout(spec: JobSpec, plan: Plan) -> None:
     tensor-parallel plan, attention heads divisible by the tensor degree."""
     layout = plan.layout
     sharded = plan.strategy == "zero" and plan.zero_stage in (2, 3)
-    if layout is None and not sharded and spec.model.init == "constructor":
+    wraps_layers = spec.training.activation_checkpointing != "none" or spec.training.compile
+    if layout is None and not sharded and spec.model.init == "constructor" and not wraps_layers:
         return
     model = meta_model(spec)
     if spec.model.init == "meta" and not callable(getattr(model, INIT_HOOK, None)):
@@ -340,6 +362,10 @@ def check_model_layout(spec: JobSpec, plan: Plan) -> None:
         layers = find_layers(model, spec.model.layers)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
+    if wraps_layers and layers is None:
+        which = "activation_checkpointing" if spec.training.activation_checkpointing != "none" else "compile"
+        raise PlanError(f"training.{which}: applies to each repeated layer, but the model ({spec.model.target}) has"
+                        " no list of repeated layers (an nn.ModuleList of one class); name it with model.layers")
     if layout is None:
         return
     if layout.pp_degree > 1:

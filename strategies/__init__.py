@@ -21,7 +21,7 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
     if name == "single":
         from strategies.single import SingleProcessStrategy
 
-        return SingleProcessStrategy(device, precision, feed)
+        return SingleProcessStrategy(device, precision, feed, layers_path)
     if name in ("ddp", "zero"):
         import torch.distributed as dist
 

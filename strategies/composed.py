@@ -1,8 +1,8 @@
 """Every torch-native parallelism composed on one named mesh (pp x dp_replicate x dp_shard x tp).
 
 `parallelize` applies torchtitan's order to each model part (one part, or this rank's pipeline
-stages): tensor parallel -> [activation checkpointing, compile: issue 13's later items go here] ->
-data parallel. Data parallel is:
+stages): tensor parallel -> activation checkpointing -> compile (each on the part's repeated layers)
+-> data parallel. Data parallel is:
 
 - FSDP2 `fully_shard` when parameters are sharded over dp_shard (ZeRO-2/3; with dp_replicate too,
   HSDP), and for replication on any mesh with a model-parallel axis (FSDP2 over a dp_shard axis of
@@ -48,7 +48,7 @@ from strategies.zero1 import shard_optimizer
 class ComposedStrategy(SingleProcessStrategy):
     def __init__(self, device: torch.device, precision: str, layout: MeshLayout, zero_stage: int | None = None,
                  feed: BatchFeed = BatchFeed(), ddp_options: DDPOptions | None = None) -> None:
-        super().__init__(device, precision, feed)
+        super().__init__(device, precision, feed, layout.layers)
         self.layout, self.zero_stage, self.ddp_options = layout, zero_stage, ddp_options or DDPOptions()
         self.mesh = NamedMesh(layout, device.type)
         self.pp_rank, self.dp_rank, self.dp_size = self.mesh.rank("pp"), self.mesh.dp_rank, layout.dp_degree
@@ -70,8 +70,12 @@ class ComposedStrategy(SingleProcessStrategy):
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         # The whole model with its constructor's weights (or, with model.init meta, its skeleton).
         model = recipe.skeleton() if recipe.init == "meta" else recipe.full()
-        layers = find_layers(model, self.layout.layers) if self.fsdp else None
+        if recipe.wraps_layers:
+            layers: tuple[str, nn.ModuleList] | None = self._model_layers(model)
+        else:
+            layers = find_layers(model, self.layout.layers) if self.fsdp else None
         layer_ids = {id(layer) for layer in layers[1]} if layers else set()
+        self.recipe, self.model_layers = recipe, list(layers[1]) if layers else []
         if self.layout.pp_degree > 1:
             owner, stages = pipeline_split(model, self.layout, self.pp_rank, layers[0] if layers else "blocks")
             if self.feed.loss_from_model:
@@ -122,7 +126,7 @@ class ComposedStrategy(SingleProcessStrategy):
         """One model part (the model, or one pipeline stage), in torchtitan's order."""
         if self.layout.tp_degree > 1:
             apply_tp(part, self.mesh["tp"], tp_plan)
-        # Activation checkpointing and compile (issue 13, items 2-3) wrap `layers` here, before data parallel.
+        self._wrap_layers(self.recipe, self.model_layers, layers)  # activation checkpointing, then compile
         if is_last:
             part = TensorOutput(part)  # the module the schedule runs (and data parallel wraps) returns a tensor
         if self.dp_size == 1:

@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 MAX_SEED = 2**32  # numpy's range; the sampler's seed * 1_000_003 + epoch must also fit torch's 64-bit seed
+ACTIVATION_CHECKPOINTING = r"^(none|full|every_[1-9][0-9]*)$"
 MAX_TIMEOUT_S = 86_400.0  # a day: longer is a typo, and some backends overflow on .inf
 _BYTE_SIZE = TypeAdapter(ByteSize)
 
@@ -156,6 +157,12 @@ class TrainingSpec(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update"
     )
+    activation_checkpointing: str = Field(
+        default="none", pattern=ACTIVATION_CHECKPOINTING,
+        description="none, full (every repeated layer) or every_<k> (every k-th, e.g. every_2): recompute those"
+                    " layers' activations in backward instead of keeping them (model.layers names the layers)")
+    compile: bool = Field(default=False, description="torch.compile each repeated layer (on CPU: needs a C++"
+                                                     " compiler, $CXX or g++); the first step pays the compile")
 
 
 class StrategySpec(Section):
