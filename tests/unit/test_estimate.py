@@ -176,8 +176,9 @@ def test_activation_checkpointing_keeps_layer_inputs_and_recomputes_one_layer_at
     assert extra == pytest.approx(4 * T * L * (2 * 12 * D * D + 4 * T * D), rel=0.10)
     assert full.flops_per_step == none.flops_per_step  # model FLOPs (MFU) do not count the recompute
 
-    _, every_2, _ = traced(spec, "training.activation_checkpointing=every_2")  # the 2nd of the 2 layers
-    assert every_2.ranks[0].activation_bytes == (sum(trace.saved_bytes) - layers[1] + boundary + layers[1])
+    # every_2 checkpoints the 2nd of the 2 layers: it keeps its input, and its activations come back in backward
+    _, every_2, _ = traced(spec, "training.activation_checkpointing=every_2")
+    assert every_2.ranks[0].activation_bytes == (sum(trace.saved_bytes) - layers[1]) + boundary + layers[1]
 
     # pipeline stages: each holds its in-flight micro-batches' checkpointed inputs, plus one recompute
     pipe = ("parallel.pipeline=2", "parallel.microbatches=4", "parallel.schedule=1f1b")
