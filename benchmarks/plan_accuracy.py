@@ -7,7 +7,8 @@ leaves out), with glibc told to return freed memory (FACTS.md: otherwise freed c
 stay in the heap and hide sharding). Step time: the estimate's prediction from a calibration taken
 at the start of the benchmark (`meshyard calibrate --procs 2`), against the median measured step.
 
-    python benchmarks/plan_accuracy.py      # writes results/plan_accuracy.{json,png}
+    python benchmarks/plan_accuracy.py           # writes results/plan_accuracy.{json,png}
+    python benchmarks/plan_accuracy.py ddp-ac-full   # those configurations only: printed, nothing written
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "ddp": ({"strategy": {"name": "ddp"}}, TRANSFORMER, TINY_TRANSFORMER),
     "ddp-bf16": ({"strategy": {"name": "ddp"}, "training": {**BASE["training"], "precision": "bf16"}},
                  TRANSFORMER, TINY_TRANSFORMER),
+    "ddp-ac-full": ({"strategy": {"name": "ddp"}, "training": {**BASE["training"], "activation_checkpointing": "full"}},
+                    TRANSFORMER, TINY_TRANSFORMER),
     "zero1": ({"strategy": {"name": "zero", "stage": 1}}, TRANSFORMER, TINY_TRANSFORMER),
     "zero2": ({"strategy": {"name": "zero", "stage": 2}}, TRANSFORMER, TINY_TRANSFORMER),
     "zero3": ({"strategy": {"name": "zero", "stage": 3}}, TRANSFORMER, TINY_TRANSFORMER),
@@ -122,7 +125,10 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
     }
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; expected some of {', '.join(CONFIGS)}")
     rows: list[dict[str, Any]] = []
     baselines: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +136,7 @@ def main() -> None:
         env = {"XDG_CACHE_HOME": str(workdir / "cache")}  # a fresh calibration, under today's load
         os.environ.update(env)
         subprocess.run([MESHYARD, "calibrate", "--procs", "2"], cwd=REPO, check=True, env={**os.environ, **env})
-        for name in CONFIGS:
+        for name in names or CONFIGS:
             row = run(workdir, name, env, baselines)
             row["memory_error"] = row["estimated_peak_bytes"] / row["measured_peak_bytes"] - 1
             if row["predicted_step_time_s"]:
@@ -140,6 +146,8 @@ def main() -> None:
                   f" {row['measured_peak_bytes'] / 2**20:7.1f} MiB ({100 * row['memory_error']:+.0f}%)  step est"
                   f" {1000 * (row['predicted_step_time_s'] or 0):.0f} ms measured"
                   f" {1000 * row['measured_step_time_s']:.0f} ms", flush=True)
+    if names:
+        return  # a subset: the results file holds every configuration
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "plan_accuracy.json"
     out.write_text(json.dumps({"benchmark": "plan_accuracy", "base_spec": BASE, "results": rows}, indent=1))
@@ -175,4 +183,4 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

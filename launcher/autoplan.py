@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.candidates import Candidate, Outcome, Search, candidates, divisors, layer_count, ranked
+from launcher.candidates import CHECKPOINTING, Candidate, Outcome, Search, candidates, divisors, layer_count, ranked
 from launcher.errors import PlanError
 from launcher.estimate import Estimate, EstimateUnavailable, build_estimate, human_bytes
 from launcher.plan import Plan
@@ -173,7 +173,7 @@ def shortfall(search: Search, order: tuple[Outcome, ...], budget: Budget) -> str
         return f"strategy auto: no candidate plan could be estimated; the first: {first}"
     best = min(estimated, key=lambda o: o.peak_bytes or 0)
     peak = best.peak_bytes or 0
-    hints = [hint for hint in (_more_ranks(search), _smaller_micro_batch(search, best), _checkpointing(best, budget))
+    hints = [hint for hint in (_more_ranks(search), _smaller_micro_batch(search, best), _checkpointing(search, best))
              if hint] or ["nothing auto can change: a larger resources.memory_per_rank, or a smaller model"]
     if not budget.explicit:
         hints.append("or a budget of your own (resources.memory_per_rank), or a named strategy: only auto checks one")
@@ -214,13 +214,18 @@ def _smaller_micro_batch(search: Search, best: Outcome) -> str | None:
     return None
 
 
-def _checkpointing(best: Outcome, budget: Budget) -> str | None:
-    assert best.estimate is not None
-    activations = max(rank.activation_bytes or 0 for rank in best.estimate.ranks)
-    if not activations or activations < (best.peak_bytes or 0) - budget.bytes:
+def _checkpointing(search: Search, best: Outcome) -> str | None:
+    """The best candidate with every repeated layer checkpointed, when it is not already (the spec sets a policy of
+    its own, or auto's checkpointing candidates were rejected) and that fits."""
+    assert best.spec is not None  # only estimated outcomes are the best
+    if best.spec.training.activation_checkpointing == "full" or layer_count(search.spec) is None:
         return None
-    return (f"activation checkpointing: {best.candidate.label} holds {human_bytes(activations)} of activations per"
-            " rank, which recomputing them in backward would mostly save")
+    settings = {**dict(best.candidate.settings), "training.activation_checkpointing": "full"}
+    outcome = search.evaluate(Candidate(f"{best.candidate.label} + {CHECKPOINTING}", tuple(settings.items())))
+    if not outcome.fits:
+        return None
+    return (f"activation checkpointing: {outcome.candidate.label} (training.activation_checkpointing full: each"
+            f" layer's forward again in backward), predicted {human_bytes(outcome.peak_bytes or 0)} per rank")
 
 
 def unused_budget_note(spec: JobSpec) -> str | None:

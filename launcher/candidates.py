@@ -3,7 +3,8 @@ estimated exactly as `meshyard plan` does a spec that names it (make_plan, check
 build_estimate: meta device and fake tensors, no processes), then ranked cheapest first.
 
 Candidates are built along `AXES`, each adding its options to every candidate so far: the mesh
-(tensor x pipeline degrees), then the data-parallel strategy for the data-parallel ranks it leaves.
+(tensor x pipeline degrees), then the data-parallel strategy for the data-parallel ranks it leaves,
+then activation checkpointing (none, full), which ranks after every plan without it.
 """
 from __future__ import annotations
 
@@ -66,9 +67,18 @@ def strategy_options(spec: JobSpec, world: int, chosen: Settings) -> list[tuple[
             *((f"zero {s}", {"strategy.name": "zero", "strategy.stage": s}) for s in stages)]
 
 
-# Activation checkpointing becomes one more axis here (none / full / every_<k> under
-# training.activation_checkpointing) once it is a spec setting: an Axis returning its options.
-AXES: tuple[Axis, ...] = (mesh_options, strategy_options)
+CHECKPOINTING = "ac"  # the label of activation checkpointing's option (training.activation_checkpointing full)
+
+
+def checkpointing_options(spec: JobSpec, world: int, chosen: Settings) -> list[tuple[str, Settings]]:
+    """Without, then with activation checkpointing of every repeated layer (`full`): memory for ~1.3-1.7x compute
+    (each layer's forward again in backward). Only for a model with a layer list, and a spec that leaves it `none`."""
+    if spec.training.activation_checkpointing != "none" or layer_count(spec) is None:
+        return [("", {})]
+    return [("", {}), (CHECKPOINTING, {"training.activation_checkpointing": "full"})]
+
+
+AXES: tuple[Axis, ...] = (mesh_options, strategy_options, checkpointing_options)
 
 
 def candidates(spec: JobSpec, world: int, axes: tuple[Axis, ...] = AXES) -> list[Candidate]:
@@ -154,23 +164,32 @@ class Search:
             raise PlanError(f"pipeline {plan.pp_degree} does not divide the model's {layers} layers")
 
 
+# The model's repeated layers by its `model` section: every candidate of a search asks, and all build the same model.
+_LAYER_COUNTS: dict[str, int | None] = {}
+
+
 def layer_count(spec: JobSpec) -> int | None:
     from strategies.layers import find_layers
 
-    try:
-        found = find_layers(meta_model(spec), spec.model.layers)
-    except (PlanError, ValueError):
-        return None
-    return len(found[1]) if found is not None else None
+    key = spec.model.model_dump_json()
+    if key not in _LAYER_COUNTS:
+        try:
+            found = find_layers(meta_model(spec), spec.model.layers)
+        except (PlanError, ValueError):
+            found = None
+        _LAYER_COUNTS[key] = len(found[1]) if found is not None else None
+    return _LAYER_COUNTS[key]
 
 
-def rank_key(outcome: Outcome, index: int, by_time: bool) -> tuple[int, float, int, int, int]:
-    """Cheapest first: predicted step time (with a machine profile), then fewer tensor x pipeline ranks, then
-    fewer bytes moved per step, then the order candidates were made in (ddp, zero 1, 2, 3); unestimated last."""
+def rank_key(outcome: Outcome, index: int, by_time: bool) -> tuple[int, bool, float, int, int, int]:
+    """Cheapest first: plans without auto's activation checkpointing (its recompute costs ~1.3-1.7x compute), then
+    predicted step time (with a machine profile), then fewer tensor x pipeline ranks, then fewer bytes moved per
+    step, then the order candidates were made in (ddp, zero 1, 2, 3); unestimated last."""
     if outcome.plan is None or outcome.estimate is None:
-        return (1, 0.0, 0, 0, index)
+        return (1, False, 0.0, 0, 0, index)
+    recomputes = "training.activation_checkpointing" in dict(outcome.candidate.settings)
     seconds = outcome.step_time_s if by_time and outcome.step_time_s is not None else 0.0
-    return (0, seconds, outcome.plan.tp_degree * outcome.plan.pp_degree, outcome.moved_bytes or 0, index)
+    return (0, recomputes, seconds, outcome.plan.tp_degree * outcome.plan.pp_degree, outcome.moved_bytes or 0, index)
 
 
 def ranked(outcomes: list[Outcome], by_time: bool) -> list[Outcome]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from launcher.memory import optimizer_state_bytes_per_param
 from launcher.plan import Plan
+from launcher.recompute import Recompute, recompute
 from launcher.shards import PartCounts, ceil_div, count_part, pipeline_parts
 from launcher.spec.schema import JobSpec
 from launcher.trace import NotTraced, Trace, one_line
@@ -173,13 +174,14 @@ def in_flight(plan: Plan, pipeline_rank: int) -> int:
     return min(m * v, (v - 1) * p + 2 * (p - 1 - pipeline_rank) + 1)
 
 
-def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: Trace) -> dict[str, Any]:
-    """Activations, pipeline buffers, per-step FLOPs and activation-sized collectives of one pipeline rank."""
+def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: Trace, ac: Recompute) -> dict[str, Any]:
+    """Activations, pipeline buffers, per-step FLOPs and activation-sized collectives of one pipeline rank
+    (`ac`: activation checkpointing's saved bytes and recompute, launcher/recompute.py)."""
     n = len(local.boundary_bytes)
     segments = _stage_segments(plan, n)
     m = plan.layout.microbatches if plan.layout is not None and plan.pp_degree > 1 else 1
     steps = m * plan.grad_accum_steps  # traced forwards per optimizer step
-    per_stage = [sum(local.saved_bytes[i] for i in segments[s]) for s in stages]
+    per_stage = [sum(ac.saved_bytes[i] for i in segments[s]) for s in stages]
     chunks = in_flight(plan, pipeline_rank)
     mine = [i for s in stages for i in segments[s]]
     buffers = sends = 0
@@ -192,8 +194,10 @@ def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: 
     forward = sum(local.forward_flops)
     share = sum(local.forward_flops[i] for i in mine) / forward if forward else 1.0
     collectives = {"all_reduce_tp": steps * sum(local.tp_bytes[i] for i in mine), "send_recv": sends}
-    return {"activation_bytes": chunks * sum(per_stage) // len(per_stage), "micro_batches_in_flight": chunks,
-            "buffer_bytes": buffers, "flops_per_step": int(local.flops * share * steps),
+    activations = chunks * sum(per_stage) // len(per_stage) + ac.peak_recompute_bytes(mine)
+    recomputed = steps * sum(ac.recompute_flops[i] for i in mine)
+    return {"activation_bytes": activations, "micro_batches_in_flight": chunks,
+            "buffer_bytes": buffers, "flops_per_step": int(local.flops * share * steps) + recomputed,
             "collectives": {op: size for op, size in collectives.items() if size}}
 
 
@@ -250,7 +254,8 @@ def _trace_or_why(spec: JobSpec, plan: Plan, model: Any, layers: Any, tp_styles:
 
 def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, local: Trace | None) -> RankEstimate:
     state = model_state(spec, plan, counts)
-    traced = traced_rank(plan, rank, counts.stages, local) if local is not None else {
+    ac = spec.training.activation_checkpointing
+    traced = traced_rank(plan, rank, counts.stages, local, recompute(local, ac)) if local is not None else {
         "activation_bytes": None, "micro_batches_in_flight": in_flight(plan, rank), "buffer_bytes": 0,
         "flops_per_step": None, "collectives": {}}
     collectives = {op: state["collectives"].get(op, 0) + traced["collectives"].get(op, 0)

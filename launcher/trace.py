@@ -35,6 +35,7 @@ class Trace:
     forward_flops: tuple[int, ...]
     flops: int  # forward + backward
     boundary_bytes: tuple[int, ...]  # bytes of each layer's output (what a pipeline stage sends on)
+    input_bytes: tuple[int, ...]  # bytes of each layer's input (what a checkpointed layer keeps for backward)
     tp_bytes: tuple[int, ...]  # payload of tensor-parallel all-reduces (forward and backward)
 
     @property
@@ -136,7 +137,7 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     n = len(blocks)
     counter = flop_counter()
     segments = _Segments(n + 2, counter.get_total_flops)
-    boundary, tp_bytes = [0] * n, [0] * (n + 2)
+    boundary, inputs, tp_bytes = [0] * n, [0] * n, [0] * (n + 2)
     weights = {_storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, tuple[int, int]] = {}  # storage -> (segment, bytes)
 
@@ -159,8 +160,13 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
             tp_bytes[segments.current] += _first_tensor_bytes(output if style == "rowwise" else args)
         return hook
 
-    handles = [block.register_forward_pre_hook(lambda module, args, i=i: segments.enter(i + 1))
-               for i, block in enumerate(blocks)]
+    def on_layer_start(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            inputs[index] = _first_tensor_bytes(args) or _first_tensor_bytes(kwargs)
+            segments.enter(index + 1)
+        return hook
+
+    handles = [block.register_forward_pre_hook(on_layer_start(i), with_kwargs=True) for i, block in enumerate(blocks)]
     handles += [block.register_forward_hook(on_layer_end(i)) for i, block in enumerate(blocks)]
     handles += [model.get_submodule(name).register_forward_hook(on_tp_layer(style))
                 for name, style in tp_styles.items()]
@@ -181,4 +187,4 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     for segment, size in saved.values():
         per_segment[segment] += size
     return Trace(saved_bytes=tuple(per_segment), forward_flops=tuple(segments.flops), flops=counter.get_total_flops(),
-                 boundary_bytes=tuple(boundary), tp_bytes=tuple(tp_bytes))
+                 boundary_bytes=tuple(boundary), input_bytes=tuple(inputs), tp_bytes=tuple(tp_bytes))

@@ -34,20 +34,28 @@ def no_machine_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def test_candidates_span_the_mesh_and_the_data_parallel_strategies(tmp_path):
+def test_candidates_span_the_mesh_the_data_parallel_strategies_and_activation_checkpointing(tmp_path):
     spec = load_spec(lm_spec(tmp_path, 4, training={"max_steps": 1, "grad_accum_steps": 3}))
     found = {c.label: dict(c.settings) for c in candidates(spec, 4)}
-    assert list(found) == ["ddp", "zero 1", "zero 2", "zero 3", "pipeline 2 + ddp", "pipeline 2 + zero 2",
-                           "pipeline 2 + zero 3", "pipeline 4", "tensor 2 + ddp", "tensor 2 + zero 2",
-                           "tensor 2 + zero 3", "tensor 2 x pipeline 2", "tensor 4"]
+    without = ["ddp", "zero 1", "zero 2", "zero 3", "pipeline 2 + ddp", "pipeline 2 + zero 2", "pipeline 2 + zero 3",
+               "pipeline 4", "tensor 2 + ddp", "tensor 2 + zero 2", "tensor 2 + zero 3", "tensor 2 x pipeline 2",
+               "tensor 4"]
+    assert list(found)[::2] == without and list(found)[1::2] == [f"{label} + ac" for label in without]
+    assert found["zero 3 + ac"] == {**found["zero 3"], "training.activation_checkpointing": "full"}
     # fewer data-parallel ranks accumulate more micro-batches: the global batch stays the user's
     assert found["tensor 2 x pipeline 2"] == {"parallel.tensor": 2, "parallel.pipeline": 2,
                                               "training.grad_accum_steps": 12, "strategy.name": "ddp"}
     assert found["zero 3"] == {"strategy.name": "zero", "strategy.stage": 3}
     # a mesh the user set is kept: only the data-parallel strategy varies (FSDP2's, beside tensor parallel)
     fixed = load_spec(lm_spec(tmp_path, 4, parallel={"tensor": 2}))
-    assert [c.label for c in candidates(fixed, 4)] == ["ddp", "zero 2", "zero 3"]
-    assert [c.label for c in candidates(load_spec(lm_spec(tmp_path, 1)), 1)] == ["single"]
+    assert [c.label for c in candidates(fixed, 4)] == [
+        "ddp", "ddp + ac", "zero 2", "zero 2 + ac", "zero 3", "zero 3 + ac"]
+    assert [c.label for c in candidates(load_spec(lm_spec(tmp_path, 1)), 1)] == ["single", "single + ac"]
+    # checkpointing is not tried for a spec that sets it, nor for a model without a layer list to checkpoint
+    own = load_spec(lm_spec(tmp_path, 2, training={"activation_checkpointing": "every_2"}))
+    assert [c.label for c in candidates(own, 2)] == ["ddp", "zero 1", "zero 2", "zero 3", "pipeline 2", "tensor 2"]
+    mlp = make_spec(tmp_path, "mlp", model={"target": "launcher.models:mlp", "kwargs": {"in_dim": 8, "depth": 1}})
+    assert [c.label for c in candidates(load_spec(mlp), 1)] == ["single"]
 
 
 def test_without_a_profile_data_parallel_plans_rank_first_and_every_rejection_says_why(tmp_path, capsys):
@@ -66,7 +74,8 @@ def test_without_a_profile_data_parallel_plans_rank_first_and_every_rejection_sa
     assert rows["zero 3"]["predicted_peak_bytes_per_rank"] <= budget < rows["ddp"]["predicted_peak_bytes_per_rank"]
     assert "does not divide the model's 3 layers" in rows["pipeline 2 + ddp"]["rejected"]
     assert "does not divide the model's 6 attention heads" in rows["tensor 4"]["rejected"]
-    assert labels[-6:] == [label for label, c in rows.items() if c["predicted_peak_bytes_per_rank"] is None]
+    unestimated = [label for label, c in rows.items() if c["predicted_peak_bytes_per_rank"] is None]
+    assert len(unestimated) == 12 and labels[-12:] == unestimated
     # the plan the ranks get is the chosen one, and the estimate printed is its estimate
     assert (report["plan"]["strategy"], report["plan"]["zero_stage"]) == ("zero", 3)
     assert report["estimate"]["predicted_peak_bytes_per_rank"] == rows["zero 3"]["predicted_peak_bytes_per_rank"]
@@ -91,23 +100,46 @@ def test_a_machine_profile_ranks_by_predicted_step_time(tmp_path, capsys):
     assert "strategy         zero stage 2" in text
 
 
+def activations_heavy(tmp_path, budget, **training):
+    return lm_spec(tmp_path, 2, budget, heads=4, layers=2, training={"max_steps": 1, **training},
+                   data={"target": "launcher.data:char_corpus", "kwargs": {"n": 64, "seq_len": 64},
+                         "micro_batch_size": 8},
+                   model={"target": "launcher.models:transformer",
+                          "kwargs": {"vocab_size": 32, "dim": 32, "n_heads": 4, "n_layers": 2, "max_len": 64}})
+
+
+def test_checkpointing_is_chosen_only_when_nothing_fits_without_it(tmp_path, capsys):
+    assert main(["plan", str(activations_heavy(tmp_path, "1MiB")), "--json"]) == 0
+    auto = json.loads(capsys.readouterr().out)["auto"]
+    estimated = [c for c in auto["candidates"] if c["predicted_peak_bytes_per_rank"] is not None]
+    # every plan without checkpointing ranks first, and none of them fits this budget
+    split = next(i for i, c in enumerate(estimated) if c["label"].endswith(" + ac"))
+    assert split == 6 and all(c["label"].endswith(" + ac") for c in estimated[split:])
+    assert not any(c["fits"] for c in estimated[:split])
+    assert auto["chosen"] == "pipeline 2 + ac"
+    assert next(c for c in estimated if c["fits"])["settings"]["training.activation_checkpointing"] == "full"
+    # the estimate saw the checkpointing: it saves memory, and what fits without it is still chosen first
+    rows = {c["label"]: c for c in estimated}
+    peak = {label: c["predicted_peak_bytes_per_rank"] for label, c in rows.items()}
+    assert peak["pipeline 2 + ac"] < peak["pipeline 2"] and peak["ddp + ac"] < peak["ddp"]
+    assert main(["plan", str(activations_heavy(tmp_path, "2MiB")), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auto"]["chosen"] == "pipeline 2"
+
+
 def test_nothing_fits_is_exit_2_with_the_shortfall_and_what_would_fit(tmp_path, capsys):
-    activations_heavy = lm_spec(tmp_path, 2, "1MiB", heads=4, layers=2,
-                                data={"target": "launcher.data:char_corpus", "kwargs": {"n": 64, "seq_len": 64},
-                                      "micro_batch_size": 8},
-                                model={"target": "launcher.models:transformer",
-                                       "kwargs": {"vocab_size": 32, "dim": 32, "n_heads": 4, "n_layers": 2,
-                                                  "max_len": 64}})
-    assert main(["plan", str(activations_heavy), "--explain"]) == 2
+    assert main(["plan", str(activations_heavy(tmp_path, "800KiB")), "--explain"]) == 2
     out, err = capsys.readouterr()
     lines = err.splitlines()
-    assert lines[0].startswith("error: strategy auto: no plan fits 1.0 MiB per rank (resources.memory_per_rank): the"
-                               " smallest predicted peak is pipeline 2's, 1.3 MiB (")
+    assert lines[0].startswith("error: strategy auto: no plan fits 800.0 KiB per rank (resources.memory_per_rank): the"
+                               " smallest predicted peak is pipeline 2 + ac's, 932.0 KiB (")
     assert lines[0].endswith(" over). What would fit:") and len(lines) <= 6
-    assert any(line.startswith("  a smaller micro-batch: pipeline 2 with data.micro_batch_size 4 and"
+    assert any(line.startswith("  a smaller micro-batch: pipeline 2 + ac with data.micro_batch_size 4 and"
                                " training.grad_accum_steps 4 (the same global batch), predicted") for line in lines)
-    assert any(line.startswith("  activation checkpointing: pipeline 2 holds") for line in lines)
     assert "over budget by" in out and "chosen" not in out  # --explain still lists the candidates
+    # a spec with a checkpointing policy of its own is searched without others; the hint estimates `full`
+    assert main(["plan", str(activations_heavy(tmp_path, "1MiB", activation_checkpointing="every_2"))]) == 2
+    assert ("  activation checkpointing: pipeline 2 + ac (training.activation_checkpointing full: each layer's forward"
+            " again in backward), predicted 932.0 KiB per rank") in capsys.readouterr().err.splitlines()
 
     state_heavy = make_spec(tmp_path, "mlp", model={"target": "launcher.models:mlp",
                                                     "kwargs": {"in_dim": 8, "hidden": 512, "out_dim": 1, "depth": 4}},
