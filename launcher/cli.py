@@ -154,8 +154,8 @@ def resolve_where(args: argparse.Namespace) -> tuple[LaunchOptions, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside: a Ctrl-C while it runs is an interrupt like any other
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: every process of the job was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Preempted:
-        print("preempted before the job started: nothing ran; run the same command to start it", file=sys.stderr)
+    except Preempted as exc:
+        print(exc, file=sys.stderr)
         return EXIT_PREEMPTED
     except BrokenPipeError:
         # The reader went away (`meshyard plan SPEC | head`): stop quietly, as other command-line tools do.
