@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from launcher.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, LaunchError, UserError
 from launcher.executors.request import LaunchOptions
@@ -277,7 +278,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def _launch_holding_the_lock(session, options: LaunchOptions, started: float) -> int:
     from launcher.executors import get_executor
-    from launcher.runs import record_failure
     from launcher.startup import describe
 
     session.check_before_launch()
@@ -291,22 +291,22 @@ def _launch_holding_the_lock(session, options: LaunchOptions, started: float) ->
         executor.run(request)
     except LaunchError as exc:
         if not LAUNCH_SIGNALS.terminated:
-            record_failure(session.run_dir, exc.exit_code, _first_failure(exc), started)
+            _ended_early(session.run_dir, exc.exit_code, _first_failure(exc), started)
             raise
         # preempted while starting: ranks that had not taken the signal yet died of it
-        record_failure(session.run_dir, EXIT_PREEMPTED, "preempted before a checkpoint for the signal", started)
+        _ended_early(session.run_dir, EXIT_PREEMPTED, "preempted before a checkpoint for the signal", started)
         print("preempted: the job stopped before a checkpoint for the signal; run the same command to resume"
               " from its newest checkpoint", file=sys.stderr)
         return EXIT_PREEMPTED
     # Whatever ends the launch early is recorded, so `meshyard runs` does not take an older summary for its end.
     except KeyboardInterrupt:
-        record_failure(session.run_dir, EXIT_INTERRUPTED, "interrupted (Ctrl-C)", started)
+        _ended_early(session.run_dir, EXIT_INTERRUPTED, "interrupted (Ctrl-C)", started)
         raise
     except Preempted:
-        record_failure(session.run_dir, EXIT_PREEMPTED, "preempted before the job started", started)
+        _ended_early(session.run_dir, EXIT_PREEMPTED, "preempted before the job started", started)
         raise
     except UserError as exc:
-        record_failure(session.run_dir, EXIT_USER_ERROR, str(exc), started)
+        _ended_early(session.run_dir, EXIT_USER_ERROR, str(exc), started)
         raise
     step = session.preempted_step(since=started)
     if step is not None:
@@ -321,6 +321,16 @@ def _launch_holding_the_lock(session, options: LaunchOptions, started: float) ->
     return 0
 
 
+def _ended_early(run_dir: Path, exit_code: int, error: str, started: float) -> None:
+    """What the launcher records for a launch that ended without the job's summary: the failure record
+    `meshyard runs` reads, and the tracker runs the ranks left open, ended."""
+    from launcher.runs import record_failure
+    from launcher.trackers import end_abandoned_runs
+
+    record_failure(run_dir, exit_code, error, started)
+    end_abandoned_runs(run_dir, killed=exit_code in (EXIT_PREEMPTED, EXIT_INTERRUPTED))
+
+
 def _first_failure(exc: LaunchError) -> str:
     """The launch error and the first failing rank's first line: what `meshyard runs` shows."""
     first = next(iter(exc.failures.items()), None)
@@ -328,8 +338,6 @@ def _first_failure(exc: LaunchError) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from launcher.compression.quantize import quantize_run
 
     report = quantize_run(Path(args.run), args.method, args.calibrate)
@@ -343,8 +351,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from launcher.plot import plot_runs
 
     out, panels = plot_runs([Path(run) for run in args.runs], Path(args.out) if args.out else None)
@@ -353,8 +359,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from launcher.runs import list_runs, render_json, render_table
 
     runs = list_runs(Path(args.dir))
@@ -368,8 +372,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from launcher.export import export_run
 
     out = export_run(Path(args.run), Path(args.out) if args.out else None, args.format)

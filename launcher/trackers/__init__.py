@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -124,6 +125,23 @@ def open_trackers(spec: JobSpec, plan: Plan, run_dir: Path, start_step: int) -> 
             module, cls = REGISTRY[name][0].split(":")
             trackers.append(cast(Tracker, getattr(importlib.import_module(module), cls)(context)))
     return trackers
+
+
+def end_abandoned_runs(run_dir: Path, killed: bool) -> None:
+    """A launch that ended without the job's summary leaves its tracker runs as the dead rank 0 left
+    them: MLflow's still RUNNING. The launcher ends them (KILLED when stopped by a signal, FAILED
+    otherwise); a tracker that fails to answer is named on stderr and does not change the exit code.
+    TensorBoard has no run state; W&B's offline run file is closed by the dying process itself."""
+    ids = TrackerRuns(RunDir(run_dir).tracker_runs).get("mlflow")
+    if not ids or not _importable("mlflow"):
+        return
+    from launcher.trackers.mlflow_tracker import end_abandoned_run
+
+    try:
+        end_abandoned_run(ids, "KILLED" if killed else "FAILED")
+    except Exception as exc:  # noqa: BLE001  (any tracker failure: reported, the launch's own error stands)
+        print(f"warning: could not mark the MLflow run {ids['run_id']} ended: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:

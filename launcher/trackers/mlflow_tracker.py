@@ -5,6 +5,7 @@ old file store (`./mlruns`) unless MLFLOW_ALLOW_FILE_STORE is set, and keeps it 
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -79,3 +80,17 @@ class MLflowTracker:
     def finish(self, summary: dict[str, Any]) -> None:
         self.client.log_dict(self.run_id, summary, "summary.json")
         self.client.set_terminated(self.run_id, "KILLED" if summary["preempted"] else "FINISHED")
+
+
+def end_abandoned_run(ids: dict[str, str], status: str) -> None:
+    """Mark the run of a launch that died before its summary (rank 0 never called `finish`) as
+    `status` (FAILED, KILLED), as a dead run should show in MLflow's UI; a run that ended is left.
+    Called by the launcher once, at its end: a tracking server that does not answer costs one try,
+    not MLflow's default retries with back-off (minutes)."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(tracking_uri=ids["tracking_uri"])
+    if client.get_run(ids["run_id"]).info.status == "RUNNING":
+        client.set_terminated(ids["run_id"], status)

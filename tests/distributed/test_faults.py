@@ -35,6 +35,7 @@ from tests.helpers import (
     start_launch,
     wait_for_step,
 )
+from tests.tracker_readers import read_mlflow
 
 pytestmark = pytest.mark.distributed
 
@@ -234,14 +235,16 @@ def test_a_disk_full_window_does_not_end_a_healthy_job(tmp_path):
     assert outcome["steps"] == list(range(1, steps + 1))  # no record lost or repeated
 
 
-def test_nonfinite_stop_names_the_step(tmp_path):
+def test_nonfinite_stop_names_the_step_and_ends_the_mlflow_run_failed(tmp_path):
     # Item 50 is consumed by step 3 (items [48, 72) with shuffle off and a global batch of 4 x 3 x 2).
     data = {**SLOW["data"], "shuffle": False, "kwargs": {**SLOW["data"]["kwargs"], "nan_items": [50]}}
     spec = make_spec(tmp_path, "nan", **{**SLOW, "data": data, "resources": {"procs_per_node": 2},
-                                         "training": {**SLOW["training"], "on_nonfinite": "stop"}})
+                                         "training": {**SLOW["training"], "on_nonfinite": "stop"},
+                                         "observe": {"trackers": ["mlflow"]}})
     result = meshyard("launch", str(spec))
     assert result.returncode == 1
     assert "NonFiniteError: step 3: the loss or gradient norm is not finite" in result.stderr
+    assert read_mlflow(run_dir(spec)).status == "FAILED"  # rank 0 died with it RUNNING; the launcher ended it
 
 
 def test_two_jobs_at_the_same_time_both_succeed(tmp_path):
