@@ -5,14 +5,20 @@ built from a config). Measured peak = rank 0's peak RSS minus the peak RSS of th
 tiny model of the same strategy (the process's own torch/gloo/Python footprint, which the estimate
 leaves out), with glibc told to return freed memory (FACTS.md: otherwise freed collective buffers
 stay in the heap and hide sharding). Step time: the estimate's prediction from a calibration taken
-at the start of the benchmark (`meshyard calibrate --procs 2`), against the median measured step.
+at the start of the benchmark (`meshyard calibrate --procs 2`), against the median step of a second
+launch with glibc's defaults: returning memory makes every large tensor a fresh mmap whose pages
+fault in on first touch, which cost a single process 0.15 s of system time per step of this model
+(~30%), so the memory launch's steps are slower than a user's (its median is kept beside, as
+`measured_step_time_returning_memory_s`).
 
-    python benchmarks/plan_accuracy.py      # writes results/plan_accuracy.{json,png}
+    python benchmarks/plan_accuracy.py            # writes results/plan_accuracy.{json,png}
+    python benchmarks/plan_accuracy.py ddp tp2    # only these configurations; prints, writes nothing
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,12 +79,13 @@ def write_spec(workdir: Path, name: str, sections: dict[str, Any], model: dict[s
     return path
 
 
-def launch(spec: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+def launch(spec: Path, env: dict[str, str], returning_memory: bool = True) -> list[dict[str, Any]]:
     from launcher.metrics import read_metrics
     from tests.helpers import run_dir
 
+    shutil.rmtree(run_dir(spec), ignore_errors=True)  # the timing launch reuses the memory launch's spec
     done = subprocess.run([MESHYARD, "launch", str(spec)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **env, **MALLOC})
+                          env={**os.environ, **env, **(MALLOC if returning_memory else {})})
     if done.returncode:
         raise SystemExit(f"{spec.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return read_metrics(run_dir(spec))
@@ -107,6 +114,7 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
     estimate, predicted = session.estimate, step_time(session)
     assert not isinstance(estimate, str), estimate
     records = launch(spec, env)
+    timed = launch(spec, env, returning_memory=False)
     baseline = footprint(workdir, sections, tiny, env, baselines)
     last, rank = records[-1], estimate.ranks[0]
     return {
@@ -117,12 +125,18 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
         "measured_peak_bytes": last["peak_rss_bytes"] - baseline, "baseline_peak_rss_bytes": baseline,
         "measured_model_state_bytes": {k: last[f"mem_{k}_bytes"] for k in ("params", "grads", "optim")},
         "predicted_step_time_s": predicted.predicted_step_time_s if isinstance(predicted, StepTime) else None,
-        "measured_step_time_s": statistics.median(r["step_time_s"] for r in records[1:]),
+        "predicted_step_time_parts_s": {**predicted.parts, "optimizer": predicted.optimizer_s}
+        if isinstance(predicted, StepTime) else None,
+        "measured_step_time_s": statistics.median(r["step_time_s"] for r in timed[1:]),
+        "measured_step_time_returning_memory_s": statistics.median(r["step_time_s"] for r in records[1:]),
         "mfu": last.get("mfu"),
     }
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; allowed: {', '.join(CONFIGS)}")
     rows: list[dict[str, Any]] = []
     baselines: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +144,7 @@ def main() -> None:
         env = {"XDG_CACHE_HOME": str(workdir / "cache")}  # a fresh calibration, under today's load
         os.environ.update(env)
         subprocess.run([MESHYARD, "calibrate", "--procs", "2"], cwd=REPO, check=True, env={**os.environ, **env})
-        for name in CONFIGS:
+        for name in names or CONFIGS:
             row = run(workdir, name, env, baselines)
             row["memory_error"] = row["estimated_peak_bytes"] / row["measured_peak_bytes"] - 1
             if row["predicted_step_time_s"]:
@@ -139,7 +153,10 @@ def main() -> None:
             print(f"{name:12s} peak est {row['estimated_peak_bytes'] / 2**20:7.1f} MiB measured"
                   f" {row['measured_peak_bytes'] / 2**20:7.1f} MiB ({100 * row['memory_error']:+.0f}%)  step est"
                   f" {1000 * (row['predicted_step_time_s'] or 0):.0f} ms measured"
-                  f" {1000 * row['measured_step_time_s']:.0f} ms", flush=True)
+                  f" {1000 * row['measured_step_time_s']:.0f} ms ({100 * row.get('step_time_error', 0):+.0f}%;"
+                  f" returning memory {1000 * row['measured_step_time_returning_memory_s']:.0f} ms)", flush=True)
+    if names:
+        return  # a subset never replaces the full results
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "plan_accuracy.json"
     out.write_text(json.dumps({"benchmark": "plan_accuracy", "base_spec": BASE, "results": rows}, indent=1))
@@ -175,4 +192,4 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -8,10 +8,12 @@ and gradients plus an fp32 master copy in its optimizer). What is and is not cou
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from launcher.memory import optimizer_state_bytes_per_param
+from launcher.opcount import Work, optimizer_work
 from launcher.plan import Plan
 from launcher.shards import PartCounts, ceil_div, count_part, pipeline_parts
 from launcher.spec.schema import JobSpec
@@ -38,6 +40,12 @@ class RankEstimate:
     buffer_bytes: int  # communication buffers (buckets, all-gathered parameters, pipeline receive buffers)
     flops_per_step: int | None
     collective_bytes: dict[str, int] = field(default_factory=dict)  # payload per step, by collective
+    work: Work | None = None  # kernels of its forwards and backwards per step (launcher/opcount.py); None: not traced
+    optimizer_work: Work | None = None  # kernels of its optimizer step over the parameters it updates
+    # per step: tensor-parallel linears run ("tp_linear") and FSDP2 units gathered ("fsdp_unit"), each
+    # forward and backward of one micro-batch; and whether its parameters are DTensors (FSDP2, tensor parallel)
+    parallel_calls: dict[str, int] = field(default_factory=dict)
+    dtensor_params: bool = False
     # Gradients are freed after every step (zero_grad(set_to_none=True)) and grow in backward as the
     # activations are freed, so the two coexist only when gradients outlive a micro-batch:
     # accumulation, or a pipeline holding later micro-batches' activations after an earlier backward.
@@ -117,7 +125,9 @@ def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]
     full, accum, dp = counts.local, plan.grad_accum_steps, plan.dp_degree
     p_full, g_full = full * pb, full * gb
     stage = plan.zero_stage or 0
-    replicated = {"params": full, "param_bytes": p_full, "grad_bytes": g_full, "optimizer_bytes": full * ob}
+    # "stepped": the parameter elements (and tensors) this rank's optimizer updates
+    replicated = {"params": full, "param_bytes": p_full, "grad_bytes": g_full, "optimizer_bytes": full * ob,
+                  "stepped": (full, counts.tensors)}
     if plan.strategy == "single" or dp == 1:
         return {**replicated, "buffer_bytes": 0, "collectives": {}}
     if plan.strategy == "ddp" or (plan.strategy == "deepspeed" and stage == 0):
@@ -127,6 +137,8 @@ def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]
         return {**replicated, "buffer_bytes": g_full, "collectives": {"all_reduce": g_full}}
     if plan.strategy == "zero" and stage == 1:
         return {**replicated, "optimizer_bytes": counts.zero1_partition * ob, "buffer_bytes": g_full,
+                # whole tensors: its share of the tensors in proportion to its elements
+                "stepped": (counts.zero1_partition, math.ceil(counts.tensors * counts.zero1_partition / max(1, full))),
                 "collectives": {"all_reduce": g_full, "broadcast": p_full}}
     shard = counts.fsdp_shard if plan.strategy == "zero" else ceil_div(full, dp)
     # Under accumulation FSDP2 keeps unsharded gradients between micro-batches (no sync until the last).
@@ -136,15 +148,18 @@ def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]
     if stage == 2 and plan.strategy == "zero":
         # parameters stay unsharded from forward to the end of backward; one layer's gradient before reduce-scatter
         return {"params": shard, "param_bytes": shard * pb, "grad_bytes": grads, "optimizer_bytes": shard * ob,
-                "buffer_bytes": p_full + largest * gb,
+                "stepped": (shard, counts.tensors), "buffer_bytes": p_full + largest * gb,
                 "collectives": {"all_gather": accum * p_full, "reduce_scatter": g_full}}
     if stage == 3:
         # the root's parameters (not resharded after forward) and the largest layer's, gathered; its gradient
         return {"params": shard, "param_bytes": shard * pb, "grad_bytes": grads, "optimizer_bytes": shard * ob,
+                # FSDP2 steps a shard of every tensor, DeepSpeed one flat partition
+                "stepped": (shard, counts.tensors if plan.strategy == "zero" else 1),
                 "buffer_bytes": (root + largest) * pb + max(root, largest) * gb,
                 "collectives": {"all_gather": accum * (2 * (full - root) + root) * pb, "reduce_scatter": g_full}}
     # DeepSpeed stages 1 and 2: flat optimizer (and stage 2 gradient) partitions, gradient-sized buckets
-    return {**replicated, "optimizer_bytes": shard * ob, "grad_bytes": shard * gb if stage == 2 else g_full,
+    return {**replicated, "optimizer_bytes": shard * ob, "stepped": (shard, 1),
+            "grad_bytes": shard * gb if stage == 2 else g_full,
             "buffer_bytes": g_full, "collectives": {"reduce_scatter": g_full, "all_gather": p_full}}
 
 
@@ -157,6 +172,11 @@ def _stage_segments(plan: Plan, num_layers: int) -> list[list[int]]:
     last = layout.num_stages - 1
     return [([0] if s == 0 else []) + [i + 1 for i in blocks] + ([num_layers + 1] if s == last else [])
             for s, blocks in enumerate(ranges)]
+
+
+def pipeline_microbatches(plan: Plan) -> int:
+    """Pipeline micro-batches each micro-batch of the spec is cut into (1 without a pipeline)."""
+    return plan.layout.microbatches if plan.layout is not None and plan.pp_degree > 1 else 1
 
 
 def in_flight(plan: Plan, pipeline_rank: int) -> int:
@@ -177,7 +197,7 @@ def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: 
     """Activations, pipeline buffers, per-step FLOPs and activation-sized collectives of one pipeline rank."""
     n = len(local.boundary_bytes)
     segments = _stage_segments(plan, n)
-    m = plan.layout.microbatches if plan.layout is not None and plan.pp_degree > 1 else 1
+    m = pipeline_microbatches(plan)
     steps = m * plan.grad_accum_steps  # traced forwards per optimizer step
     per_stage = [sum(local.saved_bytes[i] for i in segments[s]) for s in stages]
     chunks = in_flight(plan, pipeline_rank)
@@ -192,8 +212,11 @@ def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: 
     forward = sum(local.forward_flops)
     share = sum(local.forward_flops[i] for i in mine) / forward if forward else 1.0
     collectives = {"all_reduce_tp": steps * sum(local.tp_bytes[i] for i in mine), "send_recv": sends}
+    tp_linears = steps * sum(local.tp_linears[i] for i in mine)
     return {"activation_bytes": chunks * sum(per_stage) // len(per_stage), "micro_batches_in_flight": chunks,
             "buffer_bytes": buffers, "flops_per_step": int(local.flops * share * steps),
+            "work": local.work.scaled(share * steps),  # the stage's share of the kernels, as of the FLOPs
+            "parallel_calls": {"tp_linear": tp_linears} if tp_linears else {},
             "collectives": {op: size for op, size in collectives.items() if size}}
 
 
@@ -216,7 +239,7 @@ def build_estimate(spec: JobSpec, plan: Plan, train_set: Any) -> Estimate:
     parts = [count_part(stages, part, layers, tp_styles, plan.tp_degree, plan.dp_degree)
              for stages, part in pipeline_parts(model, plan.layout, path)]
     total = sum(p.numel() for p in model.parameters())
-    m = plan.layout.microbatches if plan.layout is not None and plan.pp_degree > 1 else 1
+    m = pipeline_microbatches(plan)
     samples = plan.micro_batch_size // m
     collate = build_collate(spec.data) or _default_collate
     full: Trace | None = None
@@ -237,7 +260,11 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
     state = model_state(spec, plan, counts)
     traced = traced_rank(plan, rank, counts.stages, local) if local is not None else {
         "activation_bytes": None, "micro_batches_in_flight": in_flight(plan, rank), "buffer_bytes": 0,
-        "flops_per_step": None, "collectives": {}}
+        "flops_per_step": None, "work": None, "parallel_calls": {}, "collectives": {}}
+    fsdp = plan.strategy == "zero" and (plan.zero_stage or 0) >= 2 and plan.dp_degree > 1
+    steps = plan.grad_accum_steps * pipeline_microbatches(plan)
+    # FSDP2 units: each layer it holds and the root, gathered (and reduce-scattered) for every micro-batch
+    calls = {**traced["parallel_calls"], **({"fsdp_unit": (len(counts.layers) + 1) * steps} if fsdp else {})}
     collectives = {op: state["collectives"].get(op, 0) + traced["collectives"].get(op, 0)
                    for op in (*state["collectives"], *traced["collectives"])}
     return RankEstimate(
@@ -245,7 +272,10 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
         grad_bytes=state["grad_bytes"], optimizer_bytes=state["optimizer_bytes"],
         activation_bytes=traced["activation_bytes"], micro_batches_in_flight=traced["micro_batches_in_flight"],
         buffer_bytes=state["buffer_bytes"] + traced["buffer_bytes"], flops_per_step=traced["flops_per_step"],
-        collective_bytes=collectives, grads_meet_activations=plan.grad_accum_steps > 1 or plan.pp_degree > 1)
+        collective_bytes=collectives, work=traced["work"],
+        optimizer_work=optimizer_work(spec.optimizer, *state["stepped"]),
+        parallel_calls=calls, dtensor_params=fsdp or plan.tp_degree > 1,
+        grads_meet_activations=plan.grad_accum_steps > 1 or plan.pp_degree > 1)
 
 
 def _sample_batch(train_set: Any, samples: int, collate: Any) -> Any:

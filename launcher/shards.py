@@ -27,6 +27,7 @@ class PartCounts:
     fsdp_shard: int  # its FSDP2 dim-0 chunks on data-parallel rank 0
     zero1_partition: int  # the largest ZeroRedundancyOptimizer partition (whole tensors)
     layers: tuple[int, ...]  # elements of each repeated layer it holds (FSDP's units besides the root)
+    tensors: int  # parameter tensors (each one's optimizer update is a few kernels of its own)
 
 
 def pipeline_parts(model: nn.Module, layout: MeshLayout | None, layers_path: str | None
@@ -76,5 +77,5 @@ def count_part(stages: tuple[int, ...], part: nn.Module, layers: nn.ModuleList |
     return PartCounts(
         stages=stages, local=sum(local.values()),
         fsdp_shard=sum(fsdp_chunk(tuple(p.shape), dp) for p in params.values()),
-        zero1_partition=greedy_partition(list(local.values()), dp), layers=layer_sizes,
+        zero1_partition=greedy_partition(list(local.values()), dp), layers=layer_sizes, tensors=len(params),
     )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from launcher.opcount import Work, WorkCounter, storage_key
 from strategies.batch import BatchFeed, LossFn, tree_map
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class Trace:
     flops: int  # forward + backward
     boundary_bytes: tuple[int, ...]  # bytes of each layer's output (what a pipeline stage sends on)
     tp_bytes: tuple[int, ...]  # payload of tensor-parallel all-reduces (forward and backward)
+    tp_linears: tuple[int, ...]  # tensor-parallel layers run (each pays DTensor overhead forward and backward)
+    work: Work  # the kernels of forward + backward, for the predicted step time
 
     @property
     def activation_bytes(self) -> int:
@@ -85,17 +88,6 @@ def flop_counter() -> Any:
     })
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
-    """(identity of the storage, its bytes): views of one storage hold its memory once."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    try:
-        storage = tensor.untyped_storage()
-        return StorageWeakRef(storage).cdata, storage.nbytes()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without a plain storage
-        return id(tensor), tensor.numel() * tensor.element_size()
-
-
 def _first_tensor_bytes(value: Any) -> int:
     found: list[torch.Tensor] = []
     tree_map(found.append, value)
@@ -120,13 +112,14 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     blocks = list(layers) if layers is not None else []
     n = len(blocks)
     counter = flop_counter()
+    work = WorkCounter(counter.flop_registry)
     segments = _Segments(n + 2, counter.get_total_flops)
-    boundary, tp_bytes = [0] * n, [0] * (n + 2)
-    weights = {_storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
+    boundary, tp_bytes, tp_linears = [0] * n, [0] * (n + 2), [0] * (n + 2)
+    weights = {storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, tuple[int, int]] = {}  # storage -> (segment, bytes)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        key, size = _storage_key(tensor)
+        key, size = storage_key(tensor)
         if key not in weights and key not in saved:
             saved[key] = (segments.current, size)
         return tensor
@@ -142,6 +135,7 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             # row-wise: the output is all-reduced in forward; column-wise: its input's gradient in backward
             tp_bytes[segments.current] += _first_tensor_bytes(output if style == "rowwise" else args)
+            tp_linears[segments.current] += 1
         return hook
 
     handles = [block.register_forward_pre_hook(lambda module, args, i=i: segments.enter(i + 1))
@@ -150,7 +144,7 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     handles += [model.get_submodule(name).register_forward_hook(on_tp_layer(style))
                 for name, style in tp_styles.items()]
     try:
-        with mode, counter:
+        with mode, work, counter:  # the work counter below the flop counter: it sees the ops after their decomposition
             args, kwargs, target = feed.split(tree_map(mode.from_tensor, batch))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -166,4 +160,5 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     for segment, size in saved.values():
         per_segment[segment] += size
     return Trace(saved_bytes=tuple(per_segment), forward_flops=tuple(segments.flops), flops=counter.get_total_flops(),
-                 boundary_bytes=tuple(boundary), tp_bytes=tuple(tp_bytes))
+                 boundary_bytes=tuple(boundary), tp_bytes=tuple(tp_bytes),
+                 tp_linears=tuple(tp_linears), work=work.work)
