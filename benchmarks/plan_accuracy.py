@@ -114,6 +114,7 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
     estimate, predicted = session.estimate, step_time(session)
     assert not isinstance(estimate, str), estimate
     records = launch(spec, env)
+    load_before = os.getloadavg()[0]
     timed = launch(spec, env, returning_memory=False)
     baseline = footprint(workdir, sections, tiny, env, baselines)
     last, rank = records[-1], estimate.ranks[0]
@@ -129,6 +130,9 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
         if isinstance(predicted, StepTime) else None,
         "measured_step_time_s": statistics.median(r["step_time_s"] for r in timed[1:]),
         "measured_step_time_returning_memory_s": statistics.median(r["step_time_s"] for r in records[1:]),
+        # other work on the machine slows the measured steps (and the calibration) unevenly: the
+        # 1-minute load average around the timing launch says how quiet it was (2 ranks alone: ~2)
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "mfu": last.get("mfu"),
     }
 

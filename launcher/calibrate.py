@@ -36,6 +36,9 @@ ELEMENTWISE_POOL = {"cpu": (1 << 20, 16), "cuda": (1 << 24, 8)}
 ATTENTION_SEQ = {"cpu": (64, 256, 1024), "cuda": (512, 2048, 8192)}  # head dim 64; rates between are interpolated
 ATTENTION_TOKENS = {"cpu": 1 << 12, "cuda": 1 << 17}  # batch x heads x sequence of each timed call
 PRECISIONS = (("fp32", torch.float32), ("bf16", torch.bfloat16))
+# a copy into a new tensor this large: above glibc's largest mmap threshold (32 MiB), so every one is mapped
+# anew and faults its pages in as it is written (on a GPU the caching allocator hands back the same memory)
+FRESH_BYTES = 64 << 20
 MIN_SECONDS = 0.25  # each measurement repeats until it has run this long
 
 
@@ -154,7 +157,8 @@ def _elementwise_rates(device: torch.device) -> dict[str, float]:
     """Bytes read and written per second by a light (add) and a heavy (gelu) kernel, per precision:
     on operands cycled through pools larger than the caches ("fp32/light"), as forward and backward
     read activations written long before; and on the same operands every call ("fp32/light/cached"),
-    as an optimizer's dozen kernels over one parameter's tensors find them in the cache after the first."""
+    as an optimizer's dozen kernels over one parameter's tensors find them in the cache after the first.
+    And "fresh": a copy into memory allocated for it, as FSDP2's per-unit buffers are."""
     rates = {}
     n, count = ELEMENTWISE_POOL[device.type]
     for precision, dtype in PRECISIONS:
@@ -164,7 +168,13 @@ def _elementwise_rates(device: torch.device) -> dict[str, float]:
             add, gelu = _cycling(torch.ops.aten.add.out, *pools), _cycling(torch.ops.aten.gelu.out, pools[0], pools[2])
             rates[f"{precision}/light{suffix}"] = 3 * size / _timed(device, add)
             rates[f"{precision}/heavy{suffix}"] = 2 * size / _timed(device, gelu)
+    source = torch.randn(FRESH_BYTES // 4, device=device)
+    rates["fresh"] = 2 * FRESH_BYTES / _timed(device, partial(_copy_to_new, source))
     return rates
+
+
+def _copy_to_new(source: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(source).copy_(source)
 
 
 def _cycling(kernel: Callable[..., object], *pools: list[torch.Tensor]) -> Callable[[], object]:
@@ -277,7 +287,8 @@ def describe(measured: Measured) -> str:
              + " GFLOP/s at sequence " + "/".join(next(iter(measured.attention_flops_per_s.values()), {})),
              "elementwise      " + ", ".join(f"{key} {rate / gb:.1f}" for key, rate in
                                              measured.elementwise_bytes_per_s.items())
-             + " GB/s per process (light: add, heavy: gelu; cached: operands in the caches)",
+             + " GB/s per process (light: add, heavy: gelu; cached: operands in the caches; fresh: a copy into"
+             " newly allocated memory)",
              f"op overhead      {1e6 * measured.op_overhead_s:.1f} us per op dispatched"]
     if measured.parallel_overhead_s:
         overhead = {key: f"{1e6 * value:.0f}" for key, value in measured.parallel_overhead_s.items()}

@@ -7,7 +7,7 @@ direction and sequence length, other kernels' bytes at the light or heavy elemen
 the overhead of each op dispatched, plus what tensor parallel and FSDP2 add per layer (DTensor
 dispatch, hooks, small collectives' latency), stretched by the pipeline's bubble. Communication: every
 collective's payload at its calibrated rate (no overlap with compute) plus the copies of that
-payload into and out of the strategy's communication buffers at the light fp32 rate. Optimizer: the
+payload into and out of the strategy's communication buffers (FSDP2's into fresh memory). Optimizer: the
 counted kernels and ops of a real step of the spec's optimizer, scaled to the rank's parameters,
 at the in-cache elementwise rates (with the extra cost of each op on DTensor parameters).
 The slowest rank sets the step. What is still left out is listed in docs/planning.md.
@@ -23,21 +23,26 @@ from launcher.opcount import Work
 from launcher.plan import Plan
 from launcher.profile import Measured, load_measured, profile_path
 
+COMPUTE = ("matmul", "attention", "elementwise", "op_overhead", "parallel_overhead", "pipeline_bubble")
 # the calibrated collective whose rate prices each payload the estimate counts
 RATE_OF = {"all_reduce": "all_reduce", "all_reduce_tp": "all_reduce", "all_gather": "all_gather",
            "reduce_scatter": "reduce_scatter", "broadcast": "broadcast", "send_recv": "send_recv"}
 
 
-def buffer_copies(op: str, dp: int) -> float:
-    """Bytes read and written outside the collective per payload byte, as the strategies run them.
-    DDP (and ZeRO-1, DeepSpeed stage 0) copies gradients into a bucket, divides it by the world size
-    and copies it back: 3 passes of a read and a write. FSDP2 copies the local shard into the
-    all-gather input and the gathered output out to the parameters, and concatenates gradients into
-    the reduce-scatter input and copies the reduced shard out: a pass over the payload and one over
-    a 1/dp shard. Tensor parallel's functional all-reduce writes a new output. Broadcast and
-    send/recv work in place or on preallocated buffers."""
-    return {"all_reduce": 6.0, "all_gather": 2 + 2 / dp, "reduce_scatter": 2 + 2 / dp,
-            "all_reduce_tp": 2.0}.get(op, 0.0)
+def buffer_copies(op: str, plan: Plan) -> tuple[float, str]:
+    """Bytes read and written outside the collective per payload byte, as the strategies run them,
+    and the elementwise rate that prices them. DDP (and ZeRO-1, DeepSpeed stage 0) copies gradients
+    into a bucket, divides it by the world size and copies it back: 3 passes of a read and a write
+    over buffers it keeps. FSDP2 copies the local shard into the all-gather input and the gathered
+    output out to the parameters, and concatenates gradients into the reduce-scatter input and copies
+    the reduced shard out: a pass over the payload and one over a 1/dp shard, into memory it allocates
+    anew for every unit and micro-batch, whose pages (on CPU, where glibc hands such buffers back to
+    the system) fault in as they are written: the "fresh" rate. DeepSpeed keeps flat buffers. Tensor
+    parallel's functional all-reduce writes a new output. Broadcast and send/recv work in place or
+    on preallocated buffers."""
+    if op in ("all_gather", "reduce_scatter"):
+        return 2 + 2 / plan.dp_degree, "fresh" if plan.strategy == "zero" else "fp32/light"
+    return {"all_reduce": 6.0, "all_reduce_tp": 2.0}.get(op, 0.0), "fp32/light"
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,7 @@ class StepTime:
     pipeline_rank: int  # the slowest
     predicted_mfu: float  # model FLOPs per step / (step time x world size x calibrated matmul rate)
     profile: str  # which calibration, and when
-    # seconds of each term: matmul, attention, elementwise, op_overhead, parallel_overhead, pipeline_bubble
-    # (compute); collectives, buffer_copies (communication)
-    parts: dict[str, float]
+    parts: dict[str, float]  # seconds of each term: COMPUTE's, then collectives and buffer_copies (communication)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,8 +121,8 @@ def _rank_parts(rank: RankEstimate, plan: Plan, measured: Measured) -> dict[str,
     priced = {op: size for op, size in rank.collective_bytes.items() if RATE_OF.get(op) in rates}
     return {**compute, "pipeline_bubble": busy * (bubble(plan) - 1),
             "collectives": sum(size / rates[RATE_OF[op]] for op, size in priced.items()),
-            "buffer_copies": sum(size * buffer_copies(op, plan.dp_degree) for op, size in priced.items())
-            / measured.elementwise_bytes_per_s["fp32/light"],
+            "buffer_copies": sum(size * factor / measured.elementwise_bytes_per_s[rate] for op, size in priced.items()
+                                 for factor, rate in [buffer_copies(op, plan)]),
             "optimizer": sum(price(optimizer, measured, cached=True).values()) + dtensor_ops}
 
 
@@ -136,8 +139,7 @@ def predict_step_time(estimate: Estimate, plan: Plan, precision: str,
     per_rank = [_rank_parts(rank, plan, measured) for rank in estimate.ranks]
     slowest = max(range(len(per_rank)), key=lambda i: sum(per_rank[i].values()))
     parts = per_rank[slowest]
-    compute = sum(parts[k] for k in ("matmul", "attention", "elementwise", "op_overhead", "parallel_overhead",
-                                      "pipeline_bubble"))
+    compute = sum(parts[k] for k in COMPUTE)
     communication = parts["collectives"] + parts["buffer_copies"]
     total = compute + communication + parts["optimizer"]
     rate = measured.matmul_flops_per_s[precision]

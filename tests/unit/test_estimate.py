@@ -122,11 +122,12 @@ def test_profile_round_trip_gpu_peaks_and_step_time(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     measured = Measured(backend="gloo", world_size=2, threads_per_rank=1, device="cpu",
                         matmul_flops_per_s={"fp32": 1e10, "bf16": 4e10},
-                        collective_bytes_per_s={"all_reduce": 1e8}, torch_version="x", measured_at="now",
+                        collective_bytes_per_s={"all_reduce": 1e8, "all_gather": 2e8, "reduce_scatter": 1e8},
+                        torch_version="x", measured_at="now",
                         attention_flops_per_s={"fp32/forward": {"64": 1e9, "256": 4e9},
                                                "fp32/backward": {"64": 5e8, "256": 5e8}},
                         elementwise_bytes_per_s={"fp32/light": 2e9, "fp32/heavy": 5e8, "fp32/light/cached": 4e9,
-                                                 "fp32/heavy/cached": 1e9}, op_overhead_s=1e-5,
+                                                 "fp32/heavy/cached": 1e9, "fresh": 1e8}, op_overhead_s=1e-5,
                         parallel_overhead_s={"tp_linear": 1e-4, "fsdp_unit": 2e-4, "dtensor_op": 3e-5})
     assert save_measured(measured).parent == tmp_path / "cache" / "meshyard"
     assert load_measured("gloo", 2) == measured and load_measured("gloo", 4) is None
@@ -164,6 +165,9 @@ def test_profile_round_trip_gpu_peaks_and_step_time(tmp_path, monkeypatch):
     assert units == 2 + 1 and rank.dtensor_params  # depth 2, one micro-batch per step
     assert zero3.parts["parallel_overhead"] == pytest.approx(units * 2e-4)
     assert zero3.optimizer_s - step.optimizer_s > rank.optimizer_work.ops * 3e-5 * 0.99
+    # FSDP2's copies in and out of its buffers (a pass over the payload, one over the shard) write fresh memory
+    gathered, scattered = rank.collective_bytes["all_gather"], rank.collective_bytes["reduce_scatter"]
+    assert zero3.communication_s == pytest.approx(gathered / 2e8 + scattered / 1e8 + 3 * (gathered + scattered) / 1e8)
 
 
 @pytest.mark.parametrize("argv,message", [(["--procs", "0"], "error: --procs 0: allowed 1 to 256"),
