@@ -11,10 +11,15 @@ theoretical saving. The strategy's own accounting (`mem_*_bytes`, what it stores
 the measurement. Step time: median of the logged steps after the first, as a ratio to DDP's at the
 same N, in the same benchmark run.
 
-A configuration is a label and the spec sections it changes (CONFIGS): a new strategy (HSDP, once
-`strategy`/`parallel` can express it) is one more entry; its theory comes from its plan.
+A configuration is a label and the spec sections it changes (CONFIGS), run at the world sizes
+WORLD_SIZES allows; its theory comes from its plan. Each row is compared with its baseline (BASELINE:
+DDP at the same N; activation checkpointing on against off) measured in the same invocation, and
+records the baseline's numbers it was compared with. The activation-checkpointing rows train a
+transformer LM whose activations outweigh its model state (sequence 256, micro-batch 8), since
+the 100.7M MLP's activations at micro-batch 8 are a few MiB.
 
     python benchmarks/zero_memory.py                      # writes results/zero_memory.{json,png}
+    python benchmarks/zero_memory.py --only hsdp ac_full  # runs those and their baselines; merges into the JSON
     python benchmarks/zero_memory.py --procs 2 --only ddp zero3 --env MALLOC_ARENA_MAX=2 --out /tmp/x.json
 """
 from __future__ import annotations
@@ -49,15 +54,27 @@ SPEC: dict[str, Any] = {
     "training": {"max_steps": 4, "log_every": 1},
     "checkpoint": {"final": False},
 }
+LM = {  # 25.2M parameters; activations ~16 x micro-batch x seq_len x dim floats per layer
+    "model": {"target": "launcher.models:transformer",
+              "kwargs": {"vocab_size": 32, "dim": 512, "n_heads": 8, "n_layers": 8, "max_len": 256}},
+    "data": {"target": "launcher.data:char_corpus", "kwargs": {"n": 128, "seq_len": 256}, "micro_batch_size": 8},
+    "loss": "token_cross_entropy",
+}
 CONFIGS: dict[str, dict[str, Any]] = {
     "ddp": {"strategy": {"name": "ddp"}},
     "zero1": {"strategy": {"name": "zero", "stage": 1}},
     "zero2": {"strategy": {"name": "zero", "stage": 2}},
     "zero3": {"strategy": {"name": "zero", "stage": 3}},
+    "hsdp": {"strategy": {"name": "zero", "stage": 3}, "parallel": {"data_replicate": 2, "data_shard": 2}},
     "deepspeed1": {"strategy": {"name": "deepspeed", "stage": 1}},
     "deepspeed2": {"strategy": {"name": "deepspeed", "stage": 2}},
     "deepspeed3": {"strategy": {"name": "deepspeed", "stage": 3}},
+    "ac_none": {**LM, "strategy": {"name": "ddp"}},
+    "ac_full": {**LM, "strategy": {"name": "ddp"},
+                "training": {**SPEC["training"], "activation_checkpointing": "full"}},
 }
+WORLD_SIZES = {"hsdp": (4,), "ac_none": (2,), "ac_full": (2,)}  # the others run at every --procs
+BASELINE = {"ddp": None, "ac_none": None, "ac_full": "ac_none"}  # the others: ddp
 GOAL = 0.8  # measured saving vs DDP / theoretical saving
 
 
@@ -79,61 +96,109 @@ def launch(workdir: Path, label: str, procs: int, env: dict[str, str]) -> dict[s
     records = read_metrics(run)
     peaks, baselines = summary["peak_rss_bytes_by_rank"], summary["rss_before_model_bytes_by_rank"]
     used = [peak - base for peak, base in zip(peaks, baselines)]
+    num_params = count_params(spec_file)
     return {
-        "strategy": label, "world_size": procs, "num_params": NUM_PARAMS,
+        "strategy": label, "world_size": procs, "num_params": num_params,
         "measured_bytes": max(used),  # the largest rank's peak RSS above its own before-model RSS
         "measured_bytes_by_rank": used,
         "peak_rss_bytes_by_rank": peaks, "rss_before_model_bytes_by_rank": baselines,
-        "theory_bytes": sum(theory.values()) * NUM_PARAMS,
+        "theory_bytes": sum(theory.values()) * num_params,
         "accounted_bytes": {k: records[-1][f"mem_{k}_bytes"] for k in ("params", "grads", "optim")},
         "step_time_s_median": statistics.median(r["step_time_s"] for r in records[1:]),
     }
 
 
-def compare_to_ddp(rows: list[dict[str, Any]]) -> None:
-    """Savings against DDP at the same N (measured and theory), their ratio, step time over DDP's."""
-    ddp = {r["world_size"]: r for r in rows if r["strategy"] == "ddp"}
+def count_params(spec_file: Path) -> int:
+    from launcher.plan import meta_model
+    from launcher.spec import load_spec
+
+    return sum(p.numel() for p in meta_model(load_spec(spec_file)).parameters())
+
+
+def baseline_of(label: str) -> str | None:
+    return BASELINE.get(label, "ddp")
+
+
+def launches(asked: list[str], world_sizes: list[int]) -> list[tuple[int, str]]:
+    """(N, label) of every launch: the asked configurations at the N they run at, and their baselines there."""
+    plan = []
+    for procs in world_sizes:
+        wanted = {label for label in asked if procs in WORLD_SIZES.get(label, (procs,))}
+        wanted |= {base for base in map(baseline_of, wanted) if base is not None}
+        plan += [(procs, label) for label in CONFIGS if label in wanted]
+    return plan
+
+
+def compare(rows: list[dict[str, Any]]) -> None:
+    """Each row against its baseline at the same N, both from this invocation: measured saving; against
+    DDP also the theoretical saving, their ratio and the goal; step time over the baseline's."""
+    runs = {(r["strategy"], r["world_size"]): r for r in rows}
     for row in rows:
-        base = ddp[row["world_size"]]
-        row["step_time_vs_ddp"] = row["step_time_s_median"] / base["step_time_s_median"]
-        if row is base:
+        if row["strategy"] == "ddp":
+            row["step_time_vs_ddp"] = 1.0
+        if (name := baseline_of(row["strategy"])) is None:
             continue
+        base = runs[(name, row["world_size"])]
+        row["baseline"] = {"strategy": name, "measured_bytes": base["measured_bytes"],
+                           "step_time_s_median": base["step_time_s_median"]}
         row["saving_measured_bytes"] = base["measured_bytes"] - row["measured_bytes"]
-        row["saving_theory_bytes"] = base["theory_bytes"] - row["theory_bytes"]
-        row["saving_ratio"] = row["saving_measured_bytes"] / row["saving_theory_bytes"]
-        row["goal_met"] = row["saving_ratio"] >= GOAL
+        row[f"step_time_vs_{'ddp' if name == 'ddp' else 'baseline'}"] = (
+            row["step_time_s_median"] / base["step_time_s_median"])
+        if name == "ddp":
+            row["saving_theory_bytes"] = base["theory_bytes"] - row["theory_bytes"]
+            row["saving_ratio"] = row["saving_measured_bytes"] / row["saving_theory_bytes"]
+            row["goal_met"] = row["saving_ratio"] >= GOAL
+
+
+def merge(earlier: list[dict[str, Any]], rows: list[dict[str, Any]], asked: list[str]) -> list[dict[str, Any]]:
+    """The earlier results with this invocation's rows of `asked` configurations in place of theirs; a
+    baseline run only to compare with is added where the file has none (each new row records the
+    baseline numbers it was compared with, so earlier rows keep their own baseline)."""
+    def key(row: dict[str, Any]) -> tuple[str, int]:
+        return row["strategy"], row["world_size"]
+
+    new = {key(row): row for row in rows if row["strategy"] in asked or key(row) not in map(key, earlier)}
+    kept = [row for row in earlier if key(row) not in new]
+    order = list(CONFIGS)
+    return sorted([*kept, *new.values()], key=lambda row: (row["world_size"], order.index(row["strategy"])))
 
 
 def describe(row: dict[str, Any]) -> str:
+    ratio = row.get("step_time_vs_ddp", row.get("step_time_vs_baseline", 1.0))
+    base = baseline_of(row["strategy"]) or row["strategy"]
     line = (f"N={row['world_size']} {row['strategy']:10s} measured {row['measured_bytes'] / MIB:6.0f} MiB"
             f"  theory {row['theory_bytes'] / MIB:6.0f} MiB  step {row['step_time_s_median']:.2f} s"
-            f" ({row['step_time_vs_ddp']:.2f} x ddp)")
+            f" ({ratio:.2f} x {base})")
     if "saving_ratio" in row:
         line += (f"  saving {row['saving_measured_bytes'] / MIB:5.0f} of {row['saving_theory_bytes'] / MIB:5.0f} MiB"
                  f" = {row['saving_ratio']:.2f} {'ok' if row['goal_met'] else 'BELOW GOAL'}")
+    elif "saving_measured_bytes" in row:
+        line += f"  saving {row['saving_measured_bytes'] / MIB:5.0f} MiB vs {base}"
     return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--procs", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), help="configurations to run (ddp always runs)")
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS),
+                        help="configurations to run (with their baselines), merged into --out's earlier results")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="set in the launcher's environment (e.g. an allocator setting to compare)")
     parser.add_argument("--out", type=Path, default=RESULTS / "zero_memory.json")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
-    labels = ["ddp", *[label for label in (args.only or CONFIGS) if label != "ddp"]]
+    asked = args.only or list(CONFIGS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for procs in args.procs:
-            for label in labels:
-                rows.append(launch(Path(tmp), label, procs, env))
-                print(f"N={procs} {label}: {rows[-1]['measured_bytes'] / MIB:.0f} MiB,"
-                      f" {rows[-1]['step_time_s_median']:.2f} s/step", flush=True)
-    compare_to_ddp(rows)
+        for procs, label in launches(asked, args.procs):
+            rows.append(launch(Path(tmp), label, procs, env))
+            print(f"N={procs} {label}: {rows[-1]['measured_bytes'] / MIB:.0f} MiB,"
+                  f" {rows[-1]['step_time_s_median']:.2f} s/step", flush=True)
+    compare(rows)
     for row in rows:
         print(describe(row))
+    if args.only and args.out.exists():
+        rows = merge(json.loads(args.out.read_text())["results"], rows, asked)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "zero_memory", "spec": SPEC, "configs": CONFIGS, "env": env,
                                     "goal_saving_ratio": GOAL, "results": rows}, indent=1))
@@ -144,6 +209,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     plt = pyplot()
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     labels = [f"{r['strategy'].replace('deepspeed', 'ds')}\nN={r['world_size']}" for r in rows]
+    ratios = [r.get("step_time_vs_ddp", r.get("step_time_vs_baseline", 1.0)) for r in rows]
     xs = list(range(len(rows)))
     mem_ax.bar([x - 0.2 for x in xs], [r["measured_bytes"] / MIB for r in rows], 0.4, color="tab:blue",
                label="measured: peak RSS - RSS before the model (largest rank)")
@@ -153,16 +219,20 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
         if "saving_ratio" in row:
             mem_ax.annotate(f"{row['saving_ratio']:.2f}", (x - 0.2, row["measured_bytes"] / MIB), ha="center",
                             va="bottom", fontsize=7, color="tab:green" if row["goal_met"] else "tab:red")
+        elif "saving_measured_bytes" in row:  # against a baseline other than DDP: the MiB saved
+            mem_ax.annotate(f"-{row['saving_measured_bytes'] / MIB:.0f}", (x - 0.2, row["measured_bytes"] / MIB),
+                            ha="center", va="bottom", fontsize=7, color="tab:green")
     mem_ax.set_xticks(xs, labels, fontsize=7)
     mem_ax.set_ylabel("MiB per rank")
     mem_ax.set_title(f"{NUM_PARAMS / 1e6:.1f}M-param MLP, fp32 Adam (number: measured saving vs DDP"
-                     f" / theoretical saving, goal >= {GOAL})", fontsize=9)
+                     f" / theoretical saving, goal >= {GOAL});\nac_*: 25.2M-param LM, seq 256, DDP, activation"
+                     " checkpointing off/full", fontsize=9)
     mem_ax.set_ylim(0, 1.25 * max(r["measured_bytes"] / MIB for r in rows))
     mem_ax.legend(fontsize=8, loc="upper left")
-    time_ax.bar(xs, [r["step_time_vs_ddp"] for r in rows], 0.6, color="tab:orange")
+    time_ax.bar(xs, ratios, 0.6, color="tab:orange")
     time_ax.axhline(1.0, color="black", linewidth=0.8)
     time_ax.set_xticks(xs, labels, fontsize=7)
-    time_ax.set_ylabel("median step time / DDP's at the same N")
+    time_ax.set_ylabel("median step time / baseline's (DDP; ac_full: ac_none)")
     time_ax.set_title("step time (gloo, 2 shared CPU cores)", fontsize=9)
     return save_png(fig, out, dpi=110)
 

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                              " launch would run; starts nothing")
     add_where(plan)
     plan.add_argument("--json", action="store_true", help="plan and estimate as JSON (bytes as integers), for scripts")
+    plan.add_argument("--explain", action="store_true",
+                      help="strategy auto: every candidate plan with its predicted peak memory per rank and step"
+                           " time, and why it was or was not chosen (in --json always)")
+    plan.add_argument("--simulate", action="store_true",
+                      help="also build every rank's sharded model and run one step's shapes at the full world size in"
+                           " this process (fake process group, fake tensors); exit 2 on errors a launch would hit")
     calibrate = commands.add_parser(
         "calibrate", help="measure this machine's matmul FLOP/s per process and collective bandwidth, for the"
                           " plan's predicted step time and the metrics' MFU",
@@ -149,8 +155,8 @@ def resolve_where(args: argparse.Namespace) -> tuple[LaunchOptions, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside: a Ctrl-C while it runs is an interrupt like any other
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -161,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: every process of the job was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Preempted:
-        print("preempted before the job started: nothing ran; run the same command to start it", file=sys.stderr)
+    except Preempted as exc:
+        print(exc, file=sys.stderr)
         return EXIT_PREEMPTED
     except BrokenPipeError:
         # The reader went away (`meshyard plan SPEC | head`): stop quietly, as other command-line tools do.
@@ -205,17 +211,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.planreport import plan_json, plan_text
+    from launcher.autoplan import NoPlanFits
+    from launcher.planreport import explain_text, no_plan_fits_json, plan_json, plan_text
     from launcher.session import prepare
 
     options, overrides = resolve_where(args)
-    session = prepare(args.spec, overrides)
+    try:
+        session = prepare(args.spec, overrides)
+    except NoPlanFits as exc:  # the candidates are the explanation; the error still ends the command
+        if args.json or args.explain:
+            print(json.dumps(no_plan_fits_json(exc), indent=1) if args.json else explain_text(exc))
+        raise
     request = session.dry_run(options)
+    simulation = None
+    if args.simulate:
+        from launcher.simulate import simulate
+
+        simulation = simulate(session)
     if args.json:
-        print(json.dumps(plan_json(session, request), indent=1, default=str))
+        extra = {"simulation": simulation.to_dict()} if simulation is not None else {}
+        print(json.dumps({**plan_json(session, request), **extra}, indent=1, default=str))
     else:
-        print(plan_text(session, request))
-    return 0
+        print("\n".join([plan_text(session, request, args.explain),
+                         *([simulation.describe()] if simulation is not None else [])]))
+    return EXIT_USER_ERROR if simulation is not None and not simulation.ok else 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

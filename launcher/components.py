@@ -63,7 +63,8 @@ def batch_feed(spec: JobSpec) -> BatchFeed:
 
 def model_recipe(spec: JobSpec) -> ModelRecipe:
     """How every strategy builds the model and sets its starting weights."""
-    return ModelRecipe(model_factory(spec.model), spec.model.init, spec.seed, spec.model.init_from)
+    return ModelRecipe(model_factory(spec.model), spec.model.init, spec.seed, spec.model.init_from,
+                       spec.training.activation_checkpointing, spec.training.compile)
 
 
 def build_collate(spec: DataSpec) -> Callable[[list[Any]], Any] | None:

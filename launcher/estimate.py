@@ -15,6 +15,7 @@ from typing import Any
 from launcher.memory import optimizer_state_bytes_per_param
 from launcher.opcount import Work, optimizer_work
 from launcher.plan import Plan
+from launcher.recompute import Recompute, recompute
 from launcher.shards import PartCounts, ceil_div, count_part, pipeline_parts
 from launcher.spec.schema import JobSpec
 from launcher.trace import NotTraced, Trace, one_line
@@ -193,13 +194,14 @@ def in_flight(plan: Plan, pipeline_rank: int) -> int:
     return min(m * v, (v - 1) * p + 2 * (p - 1 - pipeline_rank) + 1)
 
 
-def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: Trace) -> dict[str, Any]:
-    """Activations, pipeline buffers, per-step FLOPs and activation-sized collectives of one pipeline rank."""
+def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: Trace, ac: Recompute) -> dict[str, Any]:
+    """Activations, pipeline buffers, per-step FLOPs and activation-sized collectives of one pipeline rank
+    (`ac`: activation checkpointing's saved bytes and recompute, launcher/recompute.py)."""
     n = len(local.boundary_bytes)
     segments = _stage_segments(plan, n)
     m = pipeline_microbatches(plan)
     steps = m * plan.grad_accum_steps  # traced forwards per optimizer step
-    per_stage = [sum(local.saved_bytes[i] for i in segments[s]) for s in stages]
+    per_stage = [sum(ac.saved_bytes[i] for i in segments[s]) for s in stages]
     chunks = in_flight(plan, pipeline_rank)
     mine = [i for s in stages for i in segments[s]]
     buffers = sends = 0
@@ -213,16 +215,26 @@ def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: 
     share = sum(local.forward_flops[i] for i in mine) / forward if forward else 1.0
     collectives = {"all_reduce_tp": steps * sum(local.tp_bytes[i] for i in mine), "send_recv": sends}
     tp_linears = steps * sum(local.tp_linears[i] for i in mine)
-    return {"activation_bytes": chunks * sum(per_stage) // len(per_stage), "micro_batches_in_flight": chunks,
-            "buffer_bytes": buffers, "flops_per_step": int(local.flops * share * steps),
-            "work": local.work.scaled(share * steps),  # the stage's share of the kernels, as of the FLOPs
-            "parallel_calls": {"tp_linear": tp_linears} if tp_linears else {},
+    activations = chunks * sum(per_stage) // len(per_stage) + ac.peak_recompute_bytes(mine)
+    recomputed = steps * sum(ac.recompute_flops[i] for i in mine)
+    # the stage's share of the kernels (as of the FLOPs), and the checkpointed layers' forwards again
+    work = local.work.scaled(share * steps) + sum((ac.recompute_work[i] for i in mine), Work()).scaled(steps)
+    return {"activation_bytes": activations, "micro_batches_in_flight": chunks,
+            "buffer_bytes": buffers, "flops_per_step": int(local.flops * share * steps) + recomputed,
+            "work": work, "parallel_calls": {"tp_linear": tp_linears} if tp_linears else {},
             "collectives": {op: size for op, size in collectives.items() if size}}
 
 
-def build_estimate(spec: JobSpec, plan: Plan, train_set: Any) -> Estimate:
-    """The estimate for `plan`, tracing a micro-batch of `train_set`'s first samples."""
-    from launcher.components import build_collate, build_loss
+# Traces already made, by (tensor degree, traced samples): candidates that differ only in how they
+# shard model state, or in pipeline depth at the same micro-batch, trace the same (auto, launcher/candidates.py).
+TraceCache = dict[tuple[int, int], "tuple[Trace, Trace] | str"]
+
+
+def build_estimate(spec: JobSpec, plan: Plan, train_set: Any, trace: bool = True,
+                   traces: TraceCache | None = None) -> Estimate:
+    """The estimate for `plan`, tracing a micro-batch of `train_set`'s first samples (trace=False: model
+    state only, without the ~1 s that importing the fake-tensor machinery costs a process; `traces`:
+    reuse and keep the traces of other plans of the same spec)."""
     from launcher.errors import PlanError
     from launcher.plan import meta_model
     from strategies.layers import find_layers
@@ -241,24 +253,33 @@ def build_estimate(spec: JobSpec, plan: Plan, train_set: Any) -> Estimate:
     total = sum(p.numel() for p in model.parameters())
     m = pipeline_microbatches(plan)
     samples = plan.micro_batch_size // m
-    collate = build_collate(spec.data) or _default_collate
-    full: Trace | None = None
-    local: Trace | None = None
-    not_traced = None
-    try:
-        batch = _sample_batch(train_set, samples, collate)
-        full, local = _traces(spec, plan, model, layers, tp_styles, batch, build_loss(spec.loss))
-    except NotTraced as exc:
-        not_traced = str(exc)
+    cache = traces if traces is not None else {}
+    key = (plan.tp_degree, samples)
+    if trace and key not in cache:
+        cache[key] = _trace_or_why(spec, plan, model, layers, tp_styles, train_set, samples)
+    traced = cache[key] if trace else "not asked for"
+    full, local = (None, None) if isinstance(traced, str) else traced
     ranks = tuple(_rank_estimate(spec, plan, rank, counts, local) for rank, counts in enumerate(parts))
     flops = None if full is None else full.flops * m * plan.grad_accum_steps * plan.dp_degree
     return Estimate(total_params=total, ranks=ranks, traced_samples=samples, flops_per_step=flops,
-                    not_traced=not_traced)
+                    not_traced=traced if isinstance(traced, str) else None)
+
+
+def _trace_or_why(spec: JobSpec, plan: Plan, model: Any, layers: Any, tp_styles: dict[str, str], train_set: Any,
+                  samples: int) -> tuple[Trace, Trace] | str:
+    from launcher.components import build_collate, build_loss
+
+    try:
+        batch = _sample_batch(train_set, samples, build_collate(spec.data) or _default_collate)
+        return _traces(spec, plan, model, layers, tp_styles, batch, build_loss(spec.loss))
+    except NotTraced as exc:
+        return str(exc)
 
 
 def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, local: Trace | None) -> RankEstimate:
     state = model_state(spec, plan, counts)
-    traced = traced_rank(plan, rank, counts.stages, local) if local is not None else {
+    ac = spec.training.activation_checkpointing
+    traced = traced_rank(plan, rank, counts.stages, local, recompute(local, ac)) if local is not None else {
         "activation_bytes": None, "micro_batches_in_flight": in_flight(plan, rank), "buffer_bytes": 0,
         "flops_per_step": None, "work": None, "parallel_calls": {}, "collectives": {}}
     fsdp = plan.strategy == "zero" and (plan.zero_stage or 0) >= 2 and plan.dp_degree > 1

@@ -16,6 +16,7 @@ handlers before anything heavy is imported (this module imports only the standar
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,9 @@ from typing import Any
 
 class Preempted(Exception):
     """SIGTERM reached the launcher before the job's processes existed: nothing was started."""
+
+    def __str__(self) -> str:
+        return "preempted before the job started: nothing ran; run the same command to start it"
 
 
 class PreemptionFlag:
@@ -49,10 +53,14 @@ class LaunchSignals:
         self.terminated = False  # SIGTERM seen
         self.interrupted = False  # SIGINT seen
         self.relay: Callable[[], None] | None = None  # the job's processes exist: SIGTERM goes to them
+        self._report_unraisable = sys.unraisablehook
 
     def install(self) -> LaunchSignals:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, self._on_sigint)
+        if sys.unraisablehook != self._unraisable:
+            self._report_unraisable = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
         return self
 
     def raise_if_signalled(self) -> None:
@@ -71,6 +79,14 @@ class LaunchSignals:
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.interrupted = True
         raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """The handlers raise wherever the main thread is, a finalizer (a __del__, a weakref callback)
+        included, where Python cannot propagate the exception: it prints `Exception ignored in ...`
+        with a traceback and goes on. The flags keep the signal and the launch obeys it at its next
+        check (raise_if_signalled, also at each poll while the job runs), so that print is only noise."""
+        if not isinstance(unraisable.exc_value, (KeyboardInterrupt, Preempted)):
+            self._report_unraisable(unraisable)
 
 
 LAUNCH_SIGNALS = LaunchSignals()  # the launcher process's one instance (installed by `meshyard launch`)

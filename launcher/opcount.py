@@ -54,6 +54,9 @@ class Work:
         return Work(_merge(self.matmul_flops, other.matmul_flops), _merge(self.attention_flops, other.attention_flops),
                     _merge(self.elementwise_bytes, other.elementwise_bytes), ops=self.ops + other.ops)
 
+    def __sub__(self, other: Work) -> Work:
+        return self + other.scaled(-1.0)
+
     def scaled(self, factor: float) -> Work:
         return Work({k: v * factor for k, v in self.matmul_flops.items()},
                     {k: v * factor for k, v in self.attention_flops.items()},

@@ -82,7 +82,9 @@ class Plan:
             return f"DeepSpeed ZeRO-{self.zero_stage} over {self.dp_degree} ranks"
         if self.dp_shard_degree > 1:
             hsdp = f", HSDP: replicate {replicate} x shard {self.dp_shard_degree}" if replicate > 1 else ""
-            return f"FSDP2 fully_shard (ZeRO-{self.zero_stage}{hsdp})"
+            offloaded = self.layout is not None and self.layout.offload
+            offload = ", CPU offload of parameters, gradients and optimizer state" if offloaded else ""
+            return f"FSDP2 fully_shard (ZeRO-{self.zero_stage}{hsdp}{offload})"
         if self.tp_degree > 1 or self.pp_degree > 1:
             return f"FSDP2 replicating over {replicate} ranks (dp_shard 1: DDP on a tensor/pipeline mesh, as HSDP)"
         return "DDP" + (" + ZeroRedundancyOptimizer (ZeRO-1)" if self.zero_stage == 1 else "")
@@ -166,6 +168,12 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
     elif device == "cuda" and not cuda_available:
         raise PlanError("resources.device=cuda but no CUDA device is visible; use cpu or auto")
     backend = "nccl" if device == "cuda" else "gloo"
+    if _offloads(spec, device, dp, inferred):
+        layout = dataclasses.replace(layout or _mesh_layout(spec, dp, shard, inferred), offload=True)
+    if spec.training.precision == "bf16" and _uses_fsdp(strategy, dp, shard, model_degree):
+        inferred.append("training.precision = bf16 under FSDP2: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype="
+                        "fp32), no autocast; the sharded weights and the optimizer state stay fp32")
+    _check_layer_options(spec, strategy, device)
 
     if spec.training.stop_at_step is not None and spec.training.stop_at_step > spec.training.max_steps:
         raise PlanError(
@@ -187,6 +195,47 @@ def make_plan(spec: JobSpec, cuda_available: bool = False) -> Plan:
             strategy, stage, shard if strategy == "zero" and stage in (2, 3) else dp, spec.optimizer),
         threads_per_rank=threads, allocator_env=allocator_env(device, inferred), inferred=tuple(inferred),
     )
+
+
+def _uses_fsdp(strategy: str, dp: int, shard: int, model_degree: int) -> bool:
+    """Whether FSDP2 wraps the model (strategies/composed.py decides the same way): ZeRO-2/3, or data
+    parallel on a mesh with tensor or pipeline parallel."""
+    return strategy in ("ddp", "zero") and dp > 1 and (shard > 1 or model_degree > 1)
+
+
+def _offloads(spec: JobSpec, device: str, dp: int, inferred: list[str]) -> bool:
+    """`strategy.offload: cpu` (zero stage 3, the schema checks): FSDP2's CPUOffloadPolicy on CUDA; on a
+    CPU device accepted and said to be a no-op, so one spec runs on a laptop and on a GPU cluster."""
+    if spec.strategy.offload == "none":
+        return False
+    if device != "cuda":
+        inferred.append(f"strategy.offload = cpu is a no-op on device {device}: parameters, gradients and optimizer"
+                        " state live in host memory already")
+        return False
+    if dp == 1:
+        raise PlanError("strategy.offload=cpu with one data-parallel rank: ZeRO-3 shards nothing there, so nothing"
+                        " would be offloaded; use 2 or more data-parallel ranks, or offload: none")
+    return True
+
+
+def _check_layer_options(spec: JobSpec, strategy: str, device: str) -> None:
+    """Activation checkpointing and compile: where they cannot apply, and compile's C++ compiler."""
+    training = spec.training
+    asked = [f"training.activation_checkpointing={training.activation_checkpointing}"
+             ] if training.activation_checkpointing != "none" else []
+    asked += ["training.compile=true"] if training.compile else []
+    if asked and strategy == "deepspeed":
+        raise PlanError(f"{' and '.join(asked)} with strategy deepspeed: not applied to DeepSpeed's engine (its ZeRO-3"
+                        " fetches parameters in its own module hooks, and its activation checkpointing and compile are"
+                        " its own); use strategy zero (FSDP2) or ddp, or turn them off")
+    if training.compile and device == "cpu":
+        from strategies.compilation import missing_cpp_compiler
+
+        missing = missing_cpp_compiler()
+        if missing is not None:
+            raise PlanError(f"training.compile=true: torch.compile (inductor) builds C++ kernels on CPU, but {missing}"
+                            " is not on PATH; install one (apt-get install g++) or point CXX at it, or set"
+                            " training.compile: false")
 
 
 def _check_profile(spec: JobSpec, world: int) -> None:
@@ -302,7 +351,8 @@ def check_model_layout(spec: JobSpec, plan: Plan) -> None:
     tensor-parallel plan, attention heads divisible by the tensor degree."""
     layout = plan.layout
     sharded = plan.strategy == "zero" and plan.zero_stage in (2, 3)
-    if layout is None and not sharded and spec.model.init == "constructor":
+    wraps_layers = spec.training.activation_checkpointing != "none" or spec.training.compile
+    if layout is None and not sharded and spec.model.init == "constructor" and not wraps_layers:
         return
     model = meta_model(spec)
     if spec.model.init == "meta" and not callable(getattr(model, INIT_HOOK, None)):
@@ -312,6 +362,10 @@ def check_model_layout(spec: JobSpec, plan: Plan) -> None:
         layers = find_layers(model, spec.model.layers)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
+    if wraps_layers and layers is None:
+        which = "activation_checkpointing" if spec.training.activation_checkpointing != "none" else "compile"
+        raise PlanError(f"training.{which}: applies to each repeated layer, but the model ({spec.model.target}) has"
+                        " no list of repeated layers (an nn.ModuleList of one class); name it with model.layers")
     if layout is None:
         return
     if layout.pp_degree > 1:

@@ -155,8 +155,14 @@ def stop_tree(proc: Started, token: str, grace_s: float = 8.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+    end_launch(token)
+
+
+def end_launch(token: str, grace_s: float = 1.0) -> None:
+    """Give the launch's processes below us that are already on their way out `grace_s` to end, then
+    SIGKILL the rest: when this returns, none is left running (those we adopted are reaped too)."""
     seen: set[int] = set()
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + grace_s
     while (alive := launch_processes(token, os.getpid())) and time.monotonic() < deadline:
         seen.update(alive)
         _reap(seen)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +15,7 @@ from launcher.rundir import RunDir
 from launcher.spec import JobSpec, load_spec
 
 if TYPE_CHECKING:
+    from launcher.autoplan import AutoChoice
     from launcher.estimate import Estimate
 
 
@@ -23,12 +24,15 @@ class Session:
     spec: JobSpec
     plan: Plan
     train_set: Any = field(default=None, repr=False, compare=False)  # built once by the checks; the estimate reads it
+    auto: AutoChoice | None = field(default=None, repr=False, compare=False)  # what strategy auto chose, and why
 
     @cached_property
     def estimate(self) -> Estimate | str:
         """What a step will cost each rank (launcher/estimate.py), or why it cannot be estimated."""
         from launcher.estimate import EstimateUnavailable, build_estimate
 
+        if self.auto is not None and self.auto.estimate is not None:
+            return self.auto.estimate  # made by auto's search for this very spec and plan
         try:
             return build_estimate(self.spec, self.plan, self.train_set)
         except EstimateUnavailable as exc:
@@ -99,9 +103,12 @@ class Session:
 
 
 def prepare(spec_file: str, overrides: list[str]) -> Session:
-    """Load and validate the spec, import its targets, and plan. Raises UserError on bad input."""
+    """Load and validate the spec, import its targets, and plan (strategy auto: choose the plan, and
+    with it the spec the ranks run). Raises UserError on bad input."""
     spec = load_spec(spec_file, overrides)
-    plan = make_plan(spec, cuda_available=_cuda_available())
+    cuda = _cuda_available()
+    plan = make_plan(spec, cuda_available=cuda)
+    from launcher.autoplan import choose_plan, unused_budget_note
     from launcher.components import check_targets
     from launcher.preflight import check_component_kwargs, check_run_dir, check_training_set
 
@@ -109,7 +116,13 @@ def prepare(spec_file: str, overrides: list[str]) -> Session:
     check_component_kwargs(spec)
     check_model_layout(spec, plan)
     train_set = check_training_set(spec, plan)
-    session = Session(spec, plan, train_set)
+    note = unused_budget_note(spec)  # the user's spec: auto's choice names a strategy and keeps the budget
+    auto = choose_plan(spec, plan, train_set, cuda) if spec.strategy.name == "auto" else None
+    if auto is not None:
+        spec, plan = auto.spec, auto.plan
+    if note is not None:
+        plan = replace(plan, inferred=(*plan.inferred, note))
+    session = Session(spec, plan, train_set, auto)
     check_run_dir(spec.output.dir, session.run_dir)
     return session
 

@@ -8,7 +8,9 @@ pipeline estimate can sum the segments of each stage.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +34,10 @@ class Trace:
 
     saved_bytes: tuple[int, ...]  # bytes of the tensors saved for backward (parameters excluded)
     forward_flops: tuple[int, ...]
+    forward_work: tuple[Work, ...]  # each segment's forward kernels (what a checkpointed layer runs again)
     flops: int  # forward + backward
     boundary_bytes: tuple[int, ...]  # bytes of each layer's output (what a pipeline stage sends on)
+    input_bytes: tuple[int, ...]  # bytes of each layer's input (what a checkpointed layer keeps for backward)
     tp_bytes: tuple[int, ...]  # payload of tensor-parallel all-reduces (forward and backward)
     tp_linears: tuple[int, ...]  # tensor-parallel layers run (each pays DTensor overhead forward and backward)
     work: Work  # the kernels of forward + backward, for the predicted step time
@@ -95,15 +99,30 @@ def _first_tensor_bytes(value: Any) -> int:
 
 
 class _Segments:
-    """Which segment the forward is in, and the forward FLOPs counted in each."""
+    """Which segment the forward is in, and the forward FLOPs and kernel work counted in each."""
 
-    def __init__(self, count: int, total_flops: Callable[[], int]) -> None:
+    def __init__(self, count: int, total_flops: Callable[[], int], total_work: Callable[[], Work]) -> None:
         self.current, self.flops, self._total, self._mark = 0, [0] * count, total_flops, 0
+        self.work, self._total_work, self._work_mark = [Work()] * count, total_work, Work()
 
     def enter(self, segment: int) -> None:
-        total = self._total()
+        total, work = self._total(), self._total_work()
         self.flops[self.current] += total - self._mark
-        self.current, self._mark = segment, total
+        self.work[self.current] += work - self._work_mark
+        self.current, self._mark, self._work_mark = segment, total, work
+
+
+@contextlib.contextmanager
+def _fake_tensor_log_quiet() -> Iterator[None]:
+    """FakeTensorMode logs a full traceback for an op whose shapes do not fit (a wrong tp plan) before
+    raising; the estimate reports that error on one line instead (NotTraced)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: BatchFeed, loss_fn: LossFn,
@@ -113,8 +132,8 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     n = len(blocks)
     counter = flop_counter()
     work = WorkCounter(counter.flop_registry)
-    segments = _Segments(n + 2, counter.get_total_flops)
-    boundary, tp_bytes, tp_linears = [0] * n, [0] * (n + 2), [0] * (n + 2)
+    segments = _Segments(n + 2, counter.get_total_flops, lambda: work.work)
+    boundary, inputs, tp_bytes, tp_linears = [0] * n, [0] * n, [0] * (n + 2), [0] * (n + 2)
     weights = {storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, tuple[int, int]] = {}  # storage -> (segment, bytes)
 
@@ -138,13 +157,19 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
             tp_linears[segments.current] += 1
         return hook
 
-    handles = [block.register_forward_pre_hook(lambda module, args, i=i: segments.enter(i + 1))
-               for i, block in enumerate(blocks)]
+    def on_layer_start(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            inputs[index] = _first_tensor_bytes(args) or _first_tensor_bytes(kwargs)
+            segments.enter(index + 1)
+        return hook
+
+    handles = [block.register_forward_pre_hook(on_layer_start(i), with_kwargs=True) for i, block in enumerate(blocks)]
     handles += [block.register_forward_hook(on_layer_end(i)) for i, block in enumerate(blocks)]
     handles += [model.get_submodule(name).register_forward_hook(on_tp_layer(style))
                 for name, style in tp_styles.items()]
     try:
-        with mode, work, counter:  # the work counter below the flop counter: it sees the ops after their decomposition
+        # the work counter below the flop counter: it sees the ops after their decomposition
+        with mode, work, counter, _fake_tensor_log_quiet():
             args, kwargs, target = feed.split(tree_map(mode.from_tensor, batch))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -159,6 +184,7 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     per_segment = [0] * (n + 2)
     for segment, size in saved.values():
         per_segment[segment] += size
-    return Trace(saved_bytes=tuple(per_segment), forward_flops=tuple(segments.flops), flops=counter.get_total_flops(),
-                 boundary_bytes=tuple(boundary), tp_bytes=tuple(tp_bytes),
+    return Trace(saved_bytes=tuple(per_segment), forward_flops=tuple(segments.flops),
+                 forward_work=tuple(segments.work), flops=counter.get_total_flops(),
+                 boundary_bytes=tuple(boundary), input_bytes=tuple(inputs), tp_bytes=tuple(tp_bytes),
                  tp_linears=tuple(tp_linears), work=work.work)

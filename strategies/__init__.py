@@ -21,16 +21,15 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
     if name == "single":
         from strategies.single import SingleProcessStrategy
 
-        return SingleProcessStrategy(device, precision, feed)
+        return SingleProcessStrategy(device, precision, feed, layers_path)
     if name in ("ddp", "zero"):
         import torch.distributed as dist
 
         from strategies.composed import ComposedStrategy
         from strategies.ddp import DDPOptions
 
-        if layout is None:  # the plan's 1-D data parallel over the whole world
-            world = dist.get_world_size()
-            layout = MeshLayout(dp_degree=world, dp_shard_degree=world if stage in (2, 3) else 1, layers=layers_path)
+        if layout is None:
+            layout = data_parallel_layout(dist.get_world_size(), stage, layers_path)
         ddp_options = DDPOptions(find_unused_parameters, static_graph)
         return ComposedStrategy(device, precision, layout, stage, feed, ddp_options)
     if name == "deepspeed" and deepspeed_config is not None:
@@ -40,4 +39,10 @@ def build_strategy(name: str, device: torch.device, precision: str, stage: int |
     raise ValueError(f"unknown strategy {name!r}")  # the plan only resolves implemented names
 
 
-__all__ = ["BatchFeed", "Strategy", "build_strategy"]
+def data_parallel_layout(world_size: int, stage: int | None, layers_path: str | None) -> MeshLayout:
+    """The plan's 1-D data parallel over the whole world (a plan without a mesh layout): sharded by
+    ZeRO-2/3, else replicated."""
+    return MeshLayout(dp_degree=world_size, dp_shard_degree=world_size if stage in (2, 3) else 1, layers=layers_path)
+
+
+__all__ = ["BatchFeed", "Strategy", "build_strategy", "data_parallel_layout"]

@@ -1,8 +1,8 @@
 """Every torch-native parallelism composed on one named mesh (pp x dp_replicate x dp_shard x tp).
 
 `parallelize` applies torchtitan's order to each model part (one part, or this rank's pipeline
-stages): tensor parallel -> [activation checkpointing, compile: issue 13's later items go here] ->
-data parallel. Data parallel is:
+stages): tensor parallel -> activation checkpointing -> compile (each on the part's repeated layers)
+-> data parallel. Data parallel is:
 
 - FSDP2 `fully_shard` when parameters are sharded over dp_shard (ZeRO-2/3; with dp_replicate too,
   HSDP), and for replication on any mesh with a model-parallel axis (FSDP2 over a dp_shard axis of
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from strategies.base import Batch, LossFn, OptimizerFactory
 from strategies.batch import BatchFeed, to_device, tree_map
 from strategies.ddp import DDPOptions, apply_ddp
-from strategies.fsdp import apply_fsdp, load_local_state, local_initial_state
+from strategies.fsdp import apply_fsdp, load_local_state, local_initial_state, mixed_precision
 from strategies.grads import StageSum
 from strategies.layers import find_layers
 from strategies.layout import MeshLayout
@@ -48,7 +48,7 @@ from strategies.zero1 import shard_optimizer
 class ComposedStrategy(SingleProcessStrategy):
     def __init__(self, device: torch.device, precision: str, layout: MeshLayout, zero_stage: int | None = None,
                  feed: BatchFeed = BatchFeed(), ddp_options: DDPOptions | None = None) -> None:
-        super().__init__(device, precision, feed)
+        super().__init__(device, precision, feed, layout.layers)
         self.layout, self.zero_stage, self.ddp_options = layout, zero_stage, ddp_options or DDPOptions()
         self.mesh = NamedMesh(layout, device.type)
         self.pp_rank, self.dp_rank, self.dp_size = self.mesh.rank("pp"), self.mesh.dp_rank, layout.dp_degree
@@ -58,6 +58,10 @@ class ComposedStrategy(SingleProcessStrategy):
         self.has_last_stage = layout.num_stages - 1 in local_stages
         # data parallel by FSDP2, not DDP (see the module docstring)
         self.fsdp = layout.dp_shard_degree > 1 or layout.tp_degree > 1 or layout.pp_degree > 1
+        # bf16 where FSDP2 wraps the model is its MixedPrecisionPolicy, not autocast (strategies/fsdp.py)
+        self.mp_policy = mixed_precision(precision if self.fsdp and self.dp_size > 1 else "fp32")
+        if self.mp_policy.param_dtype is not None:
+            self.autocast_dtype = None
         self._loss_scale = 1.0
         # loss: model under pipeline parallel (see setup)
         self._model_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -66,8 +70,12 @@ class ComposedStrategy(SingleProcessStrategy):
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         # The whole model with its constructor's weights (or, with model.init meta, its skeleton).
         model = recipe.skeleton() if recipe.init == "meta" else recipe.full()
-        layers = find_layers(model, self.layout.layers) if self.fsdp else None
+        if recipe.wraps_layers:
+            layers: tuple[str, nn.ModuleList] | None = self._model_layers(model)
+        else:
+            layers = find_layers(model, self.layout.layers) if self.fsdp else None
         layer_ids = {id(layer) for layer in layers[1]} if layers else set()
+        self.recipe, self.model_layers = recipe, list(layers[1]) if layers else []
         if self.layout.pp_degree > 1:
             owner, stages = pipeline_split(model, self.layout, self.pp_rank, layers[0] if layers else "blocks")
             if self.feed.loss_from_model:
@@ -86,7 +94,7 @@ class ComposedStrategy(SingleProcessStrategy):
             for stage, index in zip(stages, self.layout.stage_indices(self.pp_rank))
         ]
         if initial is not None:
-            load_local_state(owner, initial, self.device)
+            load_local_state(owner, initial, self.device, self.layout.offload)
         self.module, self.stages, self.model = owner, stages, self.parts[0]
         if self.zero_stage == 1 and self.dp_size > 1:
             self.optimizer = shard_optimizer(owner.parameters(), build_optimizer, self.mesh.group("dp_replicate"))
@@ -109,7 +117,8 @@ class ComposedStrategy(SingleProcessStrategy):
             mine = {id(module) for module in owner.modules()}
             for _ in recipe.materialize(model, keep=lambda module: id(module) in mine):
                 pass
-        owner.to(self.device)
+        if not self.layout.offload:  # offloaded, fully_shard takes each group to the device to shard it
+            owner.to(self.device)
         return None
 
     def parallelize(self, part: nn.Module, layers: list[nn.Module], tp_plan: dict[str, str],
@@ -117,13 +126,15 @@ class ComposedStrategy(SingleProcessStrategy):
         """One model part (the model, or one pipeline stage), in torchtitan's order."""
         if self.layout.tp_degree > 1:
             apply_tp(part, self.mesh["tp"], tp_plan)
-        # Activation checkpointing and compile (issue 13, items 2-3) wrap `layers` here, before data parallel.
+        self._wrap_layers(self.recipe, self.model_layers, layers)  # activation checkpointing, then compile
         if is_last:
             part = TensorOutput(part)  # the module the schedule runs (and data parallel wraps) returns a tensor
         if self.dp_size == 1:
             return part
         if self.fsdp:
-            return apply_fsdp(part, self.mesh.fsdp_mesh(), reshard_after_forward=self.zero_stage == 3, layers=layers)
+            return apply_fsdp(part, self.mesh.fsdp_mesh(), reshard_after_forward=self.zero_stage == 3, layers=layers,
+                              mp_policy=self.mp_policy, offload=self.layout.offload,
+                              fp32_output=self.layout.pp_degree == 1 or is_last)
         return apply_ddp(part, self.mesh["dp_replicate"], self.device, self.ddp_options)
 
     @property

@@ -58,6 +58,9 @@ class DeepSpeedStrategy(SingleProcessStrategy):
         self.native_checkpoint = DeepSpeedCheckpoint(self)
 
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
+        if recipe.wraps_layers:  # the plan refuses it first (launcher/plan.py says why)
+            raise ValueError("training.activation_checkpointing and training.compile do not apply to strategy"
+                             " deepspeed; use strategy zero")
         # DeepSpeed picks its accelerator at import; on a machine with no GPU it must be told "cpu".
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
         import deepspeed

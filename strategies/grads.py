@@ -9,7 +9,8 @@ their totals are added by `stage_sum` (None without a pipeline).
 
 torch.nn.utils.clip_grad_norm_ cannot take the mix in one call (it fails when DTensors on different
 meshes, or DTensors and plain tensors, meet in one foreach kernel): the norm is its public halves,
-`get_total_norm` and `clip_grads_with_norm_`, applied per group.
+`get_total_norm` (of each group's local tensors, squared and made global like the penalty) and
+`clip_grads_with_norm_`, applied per group.
 """
 from __future__ import annotations
 
@@ -96,11 +97,11 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float | None
     rule: by max_norm / (norm + 1e-6) when that is below 1)."""
     groups = _groups(params)
     squares = torch.zeros((), dtype=torch.float32)
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None])
-        if isinstance(norm, DTensor):  # partial norms of local shards: one reduction over the group's mesh
-            norm = norm.full_tensor()
-        squares += norm.float().cpu().square()
+    for key, group in groups.items():
+        # This rank's shards, made global on the mesh's device: FSDP2's CPU offload keeps DTensor
+        # gradients in host memory, which an NCCL-only process group cannot reduce.
+        norm = torch.nn.utils.get_total_norm([local(p.grad) for p in group if p.grad is not None])
+        squares += _global(norm.float().square(), key).cpu()
     total = (squares if stage_sum is None else stage_sum(squares)).sqrt()
     if max_norm is not None:
         for group in groups.values():

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class MeshLayout:
-    """Degrees of the mesh axes (pp, dp_replicate, dp_shard, tp) and the pipeline's settings.
+    """Degrees of the mesh axes (pp, dp_replicate, dp_shard, tp), the pipeline's settings, and where
+    FSDP keeps its shards.
 
     `dp_degree` counts every data-parallel rank; `dp_shard_degree` of them shard the parameters
     (FSDP), and the dp_degree / dp_shard_degree groups of those replicate each other (DDP, or HSDP
@@ -29,6 +30,7 @@ class MeshLayout:
     split_points: tuple[str, ...] = ()
     tp_plan: Mapping[str, str] | None = field(default=None, hash=False)
     layers: str | None = None  # module path of the repeated layers (model.layers); None = found by looking
+    offload: bool = False  # ZeRO-3 shards, gradients and optimizer step in host memory (FSDP2 CPUOffloadPolicy, CUDA)
 
     @property
     def dp_replicate_degree(self) -> int:

@@ -33,12 +33,20 @@ INIT_HOOK = "_init_weights"
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """How to build the user's model and set its starting weights (see the module docstring)."""
+    """How to build the user's model and set its starting weights (see the module docstring), and
+    how the strategy runs its repeated layers (strategies/checkpointing.py, strategies/compilation.py)."""
 
     build: Callable[[], nn.Module]
     init: str = "constructor"
     seed: int = 0
     init_from: str | None = None
+    activation_checkpointing: str = "none"  # none | full | every_<k>
+    compile: bool = False
+
+    @property
+    def wraps_layers(self) -> bool:
+        """Whether the strategy checkpoints or compiles the repeated layers."""
+        return self.activation_checkpointing != "none" or self.compile
 
     def full(self) -> nn.Module:
         """The whole model on the CPU with its starting weights, equal on every rank."""

@@ -8,7 +8,7 @@ layout resumes in any other.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,10 @@ from torch import nn
 
 from strategies.base import Batch, LossFn, NativeCheckpoint, OptimizerFactory
 from strategies.batch import BatchFeed, to_device
+from strategies.checkpointing import checkpoint_layer, checkpointed_layers
+from strategies.compilation import compile_layer
 from strategies.grads import StageSum, add_l1_l2_, clip_grad_norm_
+from strategies.layers import find_layers
 from strategies.model_init import ModelRecipe
 
 
@@ -24,9 +27,11 @@ class SingleProcessStrategy:
     """Plain training. The composed strategy (strategies/composed.py) changes how the model is
     built and wrapped, how gradient sync is skipped and how sums cross pipeline stages."""
 
-    def __init__(self, device: torch.device, precision: str, feed: BatchFeed = BatchFeed()) -> None:
+    def __init__(self, device: torch.device, precision: str, feed: BatchFeed = BatchFeed(),
+                 layers_path: str | None = None) -> None:
         self.device = device
         self.feed = feed
+        self.layers_path = layers_path  # model.layers: the repeated layers checkpointed and compiled
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.dp_rank, self.dp_size = 0, 1
         self.is_logging_rank = True
@@ -44,9 +49,34 @@ class SingleProcessStrategy:
         """The optimizer over the parameters whose state this rank stores."""
         return self.optimizer
 
+    def _model_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """(path, list) of the model's repeated layers; ValueError naming model.layers when there are none."""
+        found = find_layers(model, self.layers_path)
+        if found is None:
+            raise ValueError(f"model.layers: {type(model).__name__} has no list of repeated layers (an nn.ModuleList"
+                             " of one class) for activation checkpointing or compile; name it with model.layers")
+        return found
+
+    @staticmethod
+    def _wrap_layers(recipe: ModelRecipe, model_layers: Iterable[nn.Module], part_layers: Iterable[nn.Module]) -> None:
+        """Activation checkpointing, then compile, on one model part's repeated layers (torchtitan's
+        order: after tensor parallel, before data parallel). Every k-th layer counts over the whole
+        model's list, so pipeline stages checkpoint the layers one process would."""
+        part_layers = list(part_layers)
+        mine = {id(layer) for layer in part_layers}
+        for layer in checkpointed_layers(model_layers, recipe.activation_checkpointing):
+            if id(layer) in mine:
+                checkpoint_layer(layer)
+        if recipe.compile:
+            for layer in part_layers:
+                compile_layer(layer)
+
     # -- Strategy --------------------------------------------------------------------------------
     def setup(self, recipe: ModelRecipe, build_optimizer: OptimizerFactory, loss_fn: LossFn) -> None:
         self.module = self.model = recipe.full().to(self.device)
+        if recipe.wraps_layers:
+            _, model_layers = self._model_layers(self.module)
+            self._wrap_layers(recipe, model_layers, model_layers)
         self.optimizer = build_optimizer(self.module.parameters())
         self.loss_fn = loss_fn
 

@@ -74,18 +74,20 @@ class LocalExecutor:
 
     def dry_run(self, job: Job, options: LaunchOptions) -> LaunchRequest:
         worker, marker = worker_command(job, options)
+        # Nodes sharing one run directory (one file system) must not read each other's attempts.
+        logs = RunDir(job.run_dir).logs / (f"node{options.node_rank}" if job.plan.nodes > 1 else "")
         argv = (
             sys.executable, "-m", "torch.distributed.run", *rendezvous_args(job, options),
             f"--nproc-per-node={job.plan.procs_per_node}", f"--max-restarts={job.max_restarts}",
             "--monitor-interval=0.5", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
-            f"--log-dir={RunDir(job.run_dir).logs}", f"--redirects={rank_redirects(job.plan.procs_per_node)}",
+            f"--log-dir={logs}", f"--redirects={rank_redirects(job.plan.procs_per_node)}",
             *worker,
         )
         files = {str(job.spec_path): "resolved job spec (JSON), read by every rank"}
         return LaunchRequest(executor=self.name, argv=argv, files=files,
                              env={**rank_threads(job.plan.threads_per_rank), **job.plan.allocator_env,
                                   **loopback_collectives(job.plan.nodes)},
-                             marker=marker, log_dir=str(RunDir(job.run_dir).logs),
+                             marker=marker, log_dir=str(logs),
                              heartbeat_dir=str(RunDir(job.run_dir).heartbeats), world_size=job.plan.world_size,
                              hang_timeout_s=job.hang_timeout_s)
 

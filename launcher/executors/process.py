@@ -67,6 +67,7 @@ def _wait(proc: ForkedCommand, request: LaunchRequest, started: float) -> int:
     restarts = RestartNotices(Path(request.log_dir), started)
     while (code := proc.poll()) is None:
         time.sleep(POLL_S)
+        LAUNCH_SIGNALS.raise_if_signalled()  # a Ctrl-C whose KeyboardInterrupt a finalizer swallowed
         restarts.poll()
         if LAUNCH_SIGNALS.terminated and LAUNCH_SIGNALS.relay is not None:
             LAUNCH_SIGNALS.relay()  # ranks that started (or restarted) since the signal

@@ -21,6 +21,10 @@
   it registered, which every rank resumes from unless the run directory holds a newer one
   (launcher.trainer.resume_path). The run directory must be shared storage on a multi-node cluster,
   as Ray Train's storage_path must be anyway.
+- Cleanup: ray.shutdown() gives the raylet 1 s to stop its workers and agents, then SIGKILLs it; on
+  a busy machine that orphans them, and its agents only notice ~2 s later (5 checks of their parent,
+  0.4 s apart). So the launcher is their subreaper while it runs and, after the shutdown, stops every
+  process of this launch still below it (launcher.procs.end_launch): the launch leaves nothing running.
 - Console: the same lines as a local launch, each once, uncoloured; Ray's own output goes to
   `<run>/logs/ray.log` (launcher.executors.ray_output).
 """
@@ -36,6 +40,7 @@ from typing import Any
 from launcher.errors import LaunchError
 from launcher.executors.ray_output import WORKER_ENV, ConsoleRelay, RayLog
 from launcher.executors.request import Job, LaunchOptions, LaunchRequest
+from launcher.procs import adopt_orphans, end_launch, launch_token
 from launcher.rundir import RunDir
 
 TRAIN_LOOP = "launcher.executors.ray_rank:train_loop_per_worker"
@@ -89,24 +94,31 @@ class RayExecutor:
         from launcher.executors.ray_rank import train_loop_per_worker
 
         failed = f"the Ray Train job failed (Ray's own output: {s['ray_log']})"
-        with RayLog(Path(s["ray_log"])) as ray_log, ConsoleRelay(Path(s["train_loop_config"]["console_dir"])):
-            started_here = start_ray(s["ray.init"])
-            ray_log.capture_relayed()
-            try:
-                trainer = TorchTrainer(
-                    train_loop_per_worker,
-                    train_loop_config={**s["train_loop_config"], "launched_at": _launched_at()},
-                    scaling_config=ScalingConfig(**s["ScalingConfig"]),
-                    torch_config=TorchConfig(**s["TorchConfig"]),
-                    run_config=RunConfig(**s["RunConfig"], checkpoint_config=CheckpointConfig(**s["CheckpointConfig"]),
-                                         failure_config=FailureConfig(**s["FailureConfig"])),
-                )
-                result = trainer.fit()
-            except Exception as exc:  # Ray raises its TrainingFailedError family; keep Ray's types out of the CLI
-                raise LaunchError(failed, ray_failures(exc)) from None
-            finally:
-                if started_here:
-                    ray.shutdown()
+        adopted = adopt_orphans(True)  # what a raylet killed at shutdown leaves running stays below us
+        try:
+            with RayLog(Path(s["ray_log"])) as ray_log, ConsoleRelay(Path(s["train_loop_config"]["console_dir"])):
+                started_here = start_ray(s["ray.init"])
+                ray_log.capture_relayed()
+                try:
+                    trainer = TorchTrainer(
+                        train_loop_per_worker,
+                        train_loop_config={**s["train_loop_config"], "launched_at": _launched_at()},
+                        scaling_config=ScalingConfig(**s["ScalingConfig"]),
+                        torch_config=TorchConfig(**s["TorchConfig"]),
+                        run_config=RunConfig(**s["RunConfig"],
+                                             checkpoint_config=CheckpointConfig(**s["CheckpointConfig"]),
+                                             failure_config=FailureConfig(**s["FailureConfig"])),
+                    )
+                    result = trainer.fit()
+                except Exception as exc:  # Ray raises its TrainingFailedError family; keep Ray's types out of the CLI
+                    raise LaunchError(failed, ray_failures(exc)) from None
+                finally:
+                    if started_here:
+                        ray.shutdown()
+        finally:
+            end_launch(launch_token())
+            if adopted:
+                adopt_orphans(False)
         if result.error is not None:
             raise LaunchError(failed, ray_failures(result.error))
 

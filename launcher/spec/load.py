@@ -22,6 +22,7 @@ PATTERN_HINTS = {
     "loss": 'expected mse, cross_entropy, token_cross_entropy, model or an import path "module:callable"',
     "collate": 'expected an import path "module:callable"',
     "name": 'expected letters, digits, ".", "_" or "-" (it names the run directory)',
+    "activation_checkpointing": "expected none, full or every_<k> with k a positive integer (e.g. every_2)",
 }
 
 # `name:zero` read as a key: YAML separates a key from its value only by a colon AND a space, so

@@ -10,12 +10,24 @@ from __future__ import annotations
 import types
 from typing import Any, Literal, Union, cast, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 MAX_SEED = 2**32  # numpy's range; the sampler's seed * 1_000_003 + epoch must also fit torch's 64-bit seed
+ACTIVATION_CHECKPOINTING = r"^(none|full|every_[1-9][0-9]*)$"
 MAX_TIMEOUT_S = 86_400.0  # a day: longer is a typo, and some backends overflow on .inf
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
 def _refuses_bool(annotation: Any) -> bool:
@@ -126,7 +138,11 @@ class ScheduleSpec(Section):
 class TrainingSpec(Section):
     max_steps: int = Field(gt=0, description="optimizer steps; the LR schedule spans these")
     grad_accum_steps: int = Field(default=1, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="bf16: where FSDP2 shards or replicates the model (zero 2/3, or data parallel on a tensor/pipeline"
+                    " mesh) its MixedPrecisionPolicy: bf16 parameters and compute, fp32 gradient reduction, weights and"
+                    " optimizer state; elsewhere autocast; with deepspeed its bf16 mode")
     log_every: int = Field(default=10, gt=0)
     eval_every: int = Field(default=0, ge=0, description="0 = only at the end (when an eval split exists)")
     checkpoint_every: int = Field(default=0, ge=0, description="0 = only at the end")
@@ -141,18 +157,29 @@ class TrainingSpec(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update"
     )
+    activation_checkpointing: str = Field(
+        default="none", pattern=ACTIVATION_CHECKPOINTING,
+        description="none, full (every repeated layer) or every_<k> (every k-th, e.g. every_2): recompute those"
+                    " layers' activations in backward instead of keeping them (model.layers names the layers)")
+    compile: bool = Field(default=False, description="torch.compile each repeated layer (on CPU: needs a C++"
+                                                     " compiler, $CXX or g++); the first step pays the compile")
 
 
 class StrategySpec(Section):
     name: Literal["auto", "single", "ddp", "zero", "deepspeed"] = Field(
         default="auto",
-        description="auto = single for one process, ddp otherwise; zero = ZeRO sharding with torch FSDP2/"
-                    "ZeroRedundancyOptimizer; deepspeed = DeepSpeed's engine",
+        description="auto = the cheapest plan (ddp, zero 1/2/3, tensor/pipeline degrees) whose predicted peak fits"
+                    " resources.memory_per_rank (single for one process, ddp when it fits); zero = ZeRO sharding with"
+                    " torch FSDP2/ZeroRedundancyOptimizer; deepspeed = DeepSpeed's engine",
     )
     stage: int | None = Field(default=None, ge=0, le=3,
                               description="ZeRO stage: 1-3 with name zero, 0-3 with name deepspeed")
     offload_optimizer: Literal["none", "cpu"] = Field(
         default="none", description="deepspeed only: keep optimizer state (and its step) in CPU memory")
+    offload: Literal["none", "cpu"] = Field(
+        default="none", description="zero stage 3 only: keep parameter shards, gradients and optimizer state (and its"
+                                    " step) in CPU memory (FSDP2 CPUOffloadPolicy); on CUDA devices; a no-op on CPU"
+                                    " devices, where they live in host memory already")
     config: str | None = Field(
         default=None, description="deepspeed only: a DeepSpeed JSON config merged into the one written from the"
                                   " spec (a value both set differently is an error)")
@@ -171,6 +198,9 @@ class StrategySpec(Section):
             raise ValueError("stage: required with name zero (1, 2 or 3) or deepspeed (0-3), and only with them")
         if self.name != "deepspeed" and (self.offload_optimizer != "none" or self.config is not None):
             raise ValueError("offload_optimizer and config apply to name deepspeed only")
+        if self.offload != "none" and not (self.name == "zero" and self.stage == 3):
+            raise ValueError("offload applies to name zero stage 3 only (FSDP2 offloads parameters, gradients and"
+                             " optimizer state); with name deepspeed use offload_optimizer")
         if (self.find_unused_parameters or self.static_graph) and not (
                 self.name in ("ddp", "auto") or (self.name == "zero" and self.stage == 1)):
             raise ValueError("find_unused_parameters and static_graph apply to name ddp (or auto)"
@@ -223,6 +253,23 @@ class ResourcesSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto",
                                                    description="auto = cuda+nccl if present, else cpu+gloo")
     max_restarts: int = Field(default=0, ge=0, description="elastic restarts of the whole worker group")
+    memory_per_rank: ByteSize | None = Field(
+        default=None, description="strategy auto: the memory each rank's training may use, bytes or a size such as"
+                                  " 4GiB or 512MiB (GB = 10**9); null = the GPU's memory, or on CPU host RAM /"
+                                  " processes per node, x 0.8 (docs/planning.md)")
+
+    @field_validator("memory_per_rank", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            size = None if isinstance(value, bool) else _BYTE_SIZE.validate_python(value)
+        except ValidationError:
+            size = None
+        if not size:
+            raise ValueError(f"expected a positive number of bytes or a size such as 4GiB or 512MiB (got {value!r})")
+        return size
 
 
 class CheckpointSpec(Section):

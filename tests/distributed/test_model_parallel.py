@@ -3,7 +3,8 @@
 parameters their DCP checkpoints hold; tp=2 and interleaved pp=2 checkpoints resume in one process,
 a ZeRO-3 dp_shard 2 x tp 2 checkpoint at pp 2 x dp_shard 2. Clipping is active in every run
 (grad_clip below the gradient norm), so the global norm over mixed DTensor/plain parameters, over
-several meshes and over pipeline stages is exercised."""
+several meshes and over pipeline stages is exercised. Activation checkpointing rides along in two
+of these launches (zero 2 at data 2 x tensor 2; the ZeRO-3 tensor-2 leg that resumes without it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -103,15 +104,21 @@ def lm_reference(tmp_path_factory):
             for name, opt in (("sgd", SGD), ("adam", ADAM))}
 
 
-@pytest.mark.parametrize("strategy", [{"name": "ddp"}, {"name": "zero", "stage": 2}], ids=["ddp", "zero2"])
-def test_data_2_x_tensor_2_matches_one_process(tmp_path, lm_reference, strategy):
+FULL_AC = ("training.activation_checkpointing=full",)
+
+
+@pytest.mark.parametrize("strategy,overrides", [({"name": "ddp"}, ()), ({"name": "zero", "stage": 2}, FULL_AC)],
+                         ids=["ddp", "zero2_activation_checkpointing"])
+def test_data_2_x_tensor_2_matches_one_process(tmp_path, lm_reference, strategy, overrides):
     """With a plan from the spec instead of the model's: attention only (fc1/fc2 stay plain). DDP
-    replicates; ZeRO-2 also shards every (tensor-parallel or plain) parameter over the 2 data ranks."""
+    replicates; ZeRO-2 also shards every (tensor-parallel or plain) parameter over the 2 data ranks,
+    and recomputes every block's activations in backward (dp_shard 2 x tp 2 with activation
+    checkpointing; that it recomputes is tests/unit/test_activation_checkpointing.py's)."""
     attention_only = {"blocks.*.attn.[qkv]": "colwise", "blocks.*.attn.o": "rowwise"}
     spec = make_spec(tmp_path, "dp_tp", **{**LM, "data": {**LM["data"], "micro_batch_size": 2}}, optimizer=SGD,
                      strategy=strategy, resources={"procs_per_node": 4},
                      parallel={"data": 2, "tensor": 2, "tp_plan": attention_only})
-    run = launch_ok(spec)
+    run = launch_ok(spec, *overrides)
     assert_runs_match(lm_reference["sgd"], run, TOLERANCE["sgd"])
     whole = sum(t.numel() for t in final_params(run).values())
     per_tp_rank = 4 * (whole - sharded_halves(32, 2, attention=True, feed_forward=False))
@@ -145,12 +152,13 @@ def test_tensor_2_matches_one_process_and_resumes_with_tensor_1(tmp_path, lm_ref
 
 def test_zero3_tensor_2_resumes_on_another_mesh_as_the_uninterrupted_run(tmp_path, lm_reference):
     """Adam, ZeRO-3 over dp_shard 2 x tp 2 for steps 1-3 (parameters 2-D DTensors: each rank holds a
-    quarter of every tensor-parallel weight), then that DCP checkpoint resumes at pipeline 2 x
-    dp_shard 2 (1f1b, FSDP2 inside each stage) for steps 4-5: the whole run reads as the
-    uninterrupted 1-process run."""
+    quarter of every tensor-parallel weight) with every 2nd block's activations recomputed, then that
+    DCP checkpoint resumes at pipeline 2 x dp_shard 2 (1f1b, FSDP2 inside each stage) without
+    activation checkpointing for steps 4-5: the whole run reads as the uninterrupted 1-process run,
+    and the checkpoint and export hold the plain run's names."""
     spec = make_spec(tmp_path, "zero3_tp", **{**LM, "data": {**LM["data"], "micro_batch_size": 2}}, optimizer=ADAM,
                      strategy=ZERO3, resources={"procs_per_node": 4}, parallel={"tensor": 2})
-    run = launch_ok(spec, "training.stop_at_step=3")
+    run = launch_ok(spec, "training.stop_at_step=3", "training.activation_checkpointing=every_2")
     reference = lm_reference["adam"]
     assert local_param_bytes_of_rank_0(run) == tp2_bytes_at_step_3_matching(reference, run) // 2
     launch_resumed(spec, 3, "parallel.tensor=1", "parallel.pipeline=2")

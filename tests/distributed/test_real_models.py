@@ -74,6 +74,16 @@ def test_strategy_starts_from_the_constructor_and_matches_one_process(tmp_path, 
     assert_runs_match(references[model], run, MODELS[model][1])
 
 
+def test_zero1_with_adamw_matches_one_process(tmp_path):
+    """ZeroRedundancyOptimizer rebuilds the optimizer from its defaults, and torch 2.13's AdamW
+    records one (decoupled_weight_decay) its constructor refuses: decoupled weight decay included."""
+    sections = {**ODD_LAYERS, "optimizer": {**ADAM, "name": "adamw", "weight_decay": 0.1}}
+    reference = train_in_process(make_spec(tmp_path, "reference", **sections))
+    run = launch_ok(make_spec(tmp_path, "zero1", **{**sections, "data": {**ODD_LAYERS["data"], "micro_batch_size": 4}},
+                              strategy={"name": "zero", "stage": 1}, resources={"procs_per_node": 2}))
+    assert_runs_match(reference, run, 1e-4)
+
+
 META = {"model": {**ODD_LAYERS["model"], "init": "meta"}}
 
 

@@ -116,8 +116,12 @@ def test_accelerate_launch_matches_local(tmp_path, local_run):
 def test_ray_train_matches_local_after_a_worker_is_killed(tmp_path, local_run):
     spec = make_spec(tmp_path, "parity", **PARITY)
     run = run_dir(spec)
-    # Slower data (same numbers): Ray registers a reported checkpoint at its controller's next poll (2 s).
-    launch = start_launch(spec, "data.kwargs.delay_s=0.04", args=("--executor", "ray"))
+    # Ray registers a reported checkpoint at its controller's next poll (2 s): the run stands still in the step after
+    # KILL_AFTER_STEP (its first item; 8 per rank and step) until the kill, with the same numbers. The restarted
+    # group's items are counted afresh and reach that count only after the release.
+    release = tmp_path / "release"
+    hold = (f"data.kwargs.hold_file={release}", f"data.kwargs.hold_at_call={8 * KILL_AFTER_STEP + 1}")
+    launch = start_launch(spec, *hold, args=("--executor", "ray"))
     try:
         wait_for_step(run, KILL_AFTER_STEP, timeout=180)
         # The embedded Ray (gcs_server, raylet, agents, driver, workers) listens on loopback only.
@@ -126,6 +130,7 @@ def test_ray_train_matches_local_after_a_worker_is_killed(tmp_path, local_run):
         registered = wait_for_ray_checkpoint(run / "ray" / "parity", timeout=60)
         victim = read_heartbeats(run / "heartbeats")[1]["pid"]
         os.kill(victim, signal.SIGKILL)
+        release.touch()
         out, err = launch.communicate(timeout=240)
     finally:
         if launch.poll() is None:
@@ -267,21 +272,28 @@ def test_a_local_run_listens_on_loopback_only_and_stops_when_its_launcher_is_kil
 
 def test_one_launch_per_run_and_cleanup_spares_a_stranger_naming_the_spec(tmp_path):
     steps = 12
-    spec = make_spec(tmp_path, "locked", **{**SLOW_LOCAL, "training": {**SLOW_LOCAL["training"], "max_steps": steps}})
+    release = tmp_path / "release"
+    # The first launch stands still in step 3 (each rank's 9th item; 4 per step) until the second was refused.
+    data = {**SLOW_LOCAL["data"], "kwargs": {**SLOW_LOCAL["data"]["kwargs"], "hold_file": str(release),
+                                             "hold_at_call": 9}}
+    spec = make_spec(tmp_path, "locked", **{**SLOW_LOCAL, "data": data,
+                                            "training": {**SLOW_LOCAL["training"], "max_steps": steps}})
     run = run_dir(spec)
     run.mkdir(parents=True)
     # Not ours, but its command line names the run's spec, as a user's `tail -f runs/locked/spec.json` would.
     stranger = subprocess.Popen(["bash", "-c", f'exec -a "tail -f {run / "spec.json"}" sleep 300'])
+    first = start_launch(spec)
     try:
-        first = start_launch(spec)
         wait_for_step(run, 2, timeout=120)
         before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in (run / ".lock", run / "spec.json")
                   if path.exists()}
         second = meshyard("launch", str(spec), "--set", "training.max_steps=5", timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
+        assert first.poll() is None  # still held: the refusal was met while the first launch ran
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"(PID {first.pid})" in lines[0] and "another launch of this run" in lines[0], lines
         assert {name: ((run / name).stat().st_mtime_ns, (run / name).read_bytes()) for name in before} == before
+        release.touch()
         out, err = first.communicate(timeout=240)
         assert first.returncode == 0, err[-3000:]
         assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
@@ -296,6 +308,10 @@ def test_one_launch_per_run_and_cleanup_spares_a_stranger_naming_the_spec(tmp_pa
         assert stranger.poll() is None, "a cancelled launch's cleanup killed a process that only named its spec"
         assert launch_processes(str(run / "spec.json")) == []
     finally:
+        release.touch()  # a failed assertion must not leave the first launch held
+        if first.poll() is None:
+            first.send_signal(signal.SIGINT)
+            first.communicate(timeout=60)
         stranger.kill()
         stranger.wait()
 

@@ -36,6 +36,8 @@ CASES = [
     ("missing attribute", {"data": {"target": "launcher.data:no_such_dataset"}}, [],
      "data.target: module 'launcher.data' has no attribute 'no_such_dataset'"),
     ("unimportable loss", {"loss": "no_such_pkg:loss"}, [], "loss: cannot import module 'no_such_pkg'"),
+    ("memory budget not a size", {"resources": {"memory_per_rank": "lots"}}, [],
+     "resources.memory_per_rank: expected a positive number of bytes or a size such as 4GiB or 512MiB (got 'lots')"),
     ("mesh does not factor", {"parallel": {"data": 3}, "resources": {"procs_per_node": 2}}, [],
      "parallel: data 3 x tensor 1 x pipeline 1 = 3 does not equal the world size 2"),
     ("mesh degrees vs world", {"parallel": {"data": 2, "tensor": 2, "pipeline": 2}, "resources": {"procs_per_node": 4}},
@@ -129,6 +131,9 @@ CASES = [
      "strategy.stage: Input should be less than or equal to 3"),
     ("offload without deepspeed", {"strategy": {"name": "ddp", "offload_optimizer": "cpu"}}, [],
      "strategy: offload_optimizer and config apply to name deepspeed only"),
+    ("offload below zero stage 3", {"strategy": {"name": "zero", "stage": 2, "offload": "cpu"}}, [],
+     "strategy: offload applies to name zero stage 3 only (FSDP2 offloads parameters, gradients and optimizer"
+     " state); with name deepspeed use offload_optimizer"),
     ("deepspeed config not found", {"strategy": {"name": "deepspeed", "stage": 1, "config": "no_such.json"}}, [],
      "strategy.config=no_such.json: no such file"),
     ("deepspeed cannot skip", {"strategy": {"name": "deepspeed", "stage": 2}, "training": {"on_nonfinite": "skip"}}, [],
@@ -172,6 +177,23 @@ CASES = [
      [], "data: the training set has 40 items, fewer than one global batch of 48"),
     ("dataset factory raises", {"data": {"kwargs": {"n": -1, "in_dim": 8, "out_dim": 1}}}, [],
      "data.target: launcher.data:synthetic_regression(**data.kwargs) failed: RuntimeError"),
+    ("activation checkpointing every_0", {"training": {"activation_checkpointing": "every_0"}}, [],
+     "training.activation_checkpointing: expected none, full or every_<k> with k a positive integer (e.g. every_2)"
+     " (got 'every_0')"),
+    ("activation checkpointing every_x", {"training": {"activation_checkpointing": "every_x"}}, [],
+     "training.activation_checkpointing: expected none, full or every_<k>"),
+    ("activation checkpointing partial", {"training": {"activation_checkpointing": "partial"}}, [],
+     "training.activation_checkpointing: expected none, full or every_<k>"),
+    ("compile not a bool", {"training": {"compile": "sometimes"}}, [],
+     "training.compile: Input should be a valid boolean"),
+    ("activation checkpointing without repeated layers",
+     {"model": {**BASE_SPEC["model"], "kwargs": {"in_dim": 8, "hidden": 16, "out_dim": 1, "depth": 1}},
+      "training": {"activation_checkpointing": "full"}}, [],
+     "training.activation_checkpointing: applies to each repeated layer, but the model (launcher.models:mlp) has no"
+     " list of repeated layers (an nn.ModuleList of one class); name it with model.layers"),
+    ("activation checkpointing with deepspeed",
+     {"strategy": {"name": "deepspeed", "stage": 3}, "training": {"activation_checkpointing": "every_2"}}, [],
+     "training.activation_checkpointing=every_2 with strategy deepspeed: not applied to DeepSpeed's engine"),
     ("find_unused_parameters with zero 3", {"strategy": {"name": "zero", "stage": 3, "find_unused_parameters": True}},
      [], "strategy: find_unused_parameters and static_graph apply to name ddp"),
 ]
@@ -277,6 +299,16 @@ def test_deepspeed_not_installed_is_a_plan_error(tmp_path, capsys, monkeypatch):
     spec = make_spec(tmp_path, strategy={"name": "deepspeed", "stage": 0})
     code, err = _run_main(capsys, ["plan", str(spec)])
     assert code == 2 and "strategy.name=deepspeed: the deepspeed package is not installed" in err, err
+
+
+def test_compile_without_a_cpp_compiler_is_a_plan_error(tmp_path, capsys, monkeypatch):
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-g++"))  # what inductor searches: $CXX, else g++
+    spec = make_spec(tmp_path, training={**BASE_SPEC["training"], "compile": True})
+    code, err = _run_main(capsys, ["plan", str(spec)])
+    assert code == 2 and err.startswith("error: training.compile=true: torch.compile (inductor) builds C++ kernels"
+                                        " on CPU, but no-such-g++ is not on PATH"), err
 
 
 # Hostile input (issue 17): each row is one `error:` line for validate, plan and launch alike, exit 2,

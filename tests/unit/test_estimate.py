@@ -180,3 +180,41 @@ def test_calibrate_refuses_bad_arguments_in_one_line(capsys, argv, message):
     assert main(["calibrate", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+def traced(spec_path, *overrides):
+    """The estimate and the micro-batch trace it was made from (the rank-local one: no tensor parallel here)."""
+    session = prepare(str(spec_path), list(overrides))
+    traces: dict = {}
+    estimate = build_estimate(session.spec, session.plan, session.train_set, traces=traces)
+    ((_, trace),) = traces.values()
+    return session.plan, estimate, trace
+
+
+def test_activation_checkpointing_keeps_layer_inputs_and_recomputes_one_layer_at_a_time(tmp_path):
+    spec = transformer_spec(tmp_path, resources={"procs_per_node": 2}, training={"max_steps": 1})
+    _, none, trace = traced(spec)
+    _, full, _ = traced(spec, "training.activation_checkpointing=full")
+    boundary = 4 * T * D * 4  # micro-batch x sequence x width, fp32: what each layer takes in
+    assert trace.input_bytes == (boundary,) * L
+    layers = trace.saved_bytes[1:-1]
+    assert none.ranks[0].activation_bytes == sum(trace.saved_bytes)
+    # every layer keeps its input; the largest layer's activations come back while its backward recomputes them
+    assert full.ranks[0].activation_bytes == (trace.saved_bytes[0] + L * boundary + max(layers)
+                                              + trace.saved_bytes[-1]) < none.ranks[0].activation_bytes
+    # one more forward of every layer: matmuls 2 x 12 D^2 and attention 4 T D per token (Kaplan et al.)
+    extra = full.ranks[0].flops_per_step - none.ranks[0].flops_per_step
+    assert extra == sum(trace.forward_flops[1:-1])
+    assert extra == pytest.approx(4 * T * L * (2 * 12 * D * D + 4 * T * D), rel=0.10)
+    assert full.flops_per_step == none.flops_per_step  # model FLOPs (MFU) do not count the recompute
+
+    # every_2 checkpoints the 2nd of the 2 layers: it keeps its input, and its activations come back in backward
+    _, every_2, _ = traced(spec, "training.activation_checkpointing=every_2")
+    assert every_2.ranks[0].activation_bytes == (sum(trace.saved_bytes) - layers[1]) + boundary + layers[1]
+
+    # pipeline stages: each holds its in-flight micro-batches' checkpointed inputs, plus one recompute
+    pipe = ("parallel.pipeline=2", "parallel.microbatches=4", "parallel.schedule=1f1b")
+    _, pp, chunk = traced(spec, *pipe, "training.activation_checkpointing=full")
+    stage_inputs = [chunk.saved_bytes[0] + chunk.input_bytes[0], chunk.input_bytes[1] + chunk.saved_bytes[-1]]
+    assert [r.activation_bytes for r in pp.ranks] == [
+        in_flight * inputs + saved for in_flight, inputs, saved in zip((2, 1), stage_inputs, chunk.saved_bytes[1:-1])]

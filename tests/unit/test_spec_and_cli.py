@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
@@ -71,3 +72,58 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
     assert err == ""
+
+
+# The console script runs launcher.entry:main; this stands in for it with a real signal sent to itself
+# while Python imports launcher.cli (an import hook sends it at that moment, as a user's Ctrl-C could).
+SIGNAL_DURING_IMPORT = """
+import os, signal, sys
+
+class SignalWhileImportingTheCli:
+    def find_spec(self, name, path=None, target=None):
+        if name == "launcher.cli":
+            os.kill(os.getpid(), signal.{signal})
+            sum(range(10**5))  # Python runs the handler between bytecodes: here, still inside the import
+        return None
+
+sys.meta_path.insert(0, SignalWhileImportingTheCli())
+sys.argv = ["meshyard", "launch", "job.yaml"]
+from launcher.entry import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("signal_name,code,line", [
+    ("SIGINT", 130, "interrupted before the command started: nothing ran"),
+    ("SIGTERM", 75, "preempted before the job started: nothing ran; run the same command to start it"),
+])
+def test_a_signal_while_the_command_line_imports_exits_with_its_code_and_one_line(signal_name, code, line):
+    assert 'meshyard = "launcher.entry:main"' in (REPO / "pyproject.toml").read_text()
+    result = subprocess.run([sys.executable, "-c", SIGNAL_DURING_IMPORT.replace("{signal}", signal_name)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (code, line + "\n")
+
+
+SIGINT_IN_A_FINALIZER = """
+import os, signal, sys
+from launcher.interrupts import LAUNCH_SIGNALS
+
+LAUNCH_SIGNALS.install()
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(10**5))  # the handler runs here, inside the finalizer, where Python cannot propagate it
+
+Finalized()
+try:
+    LAUNCH_SIGNALS.raise_if_signalled()  # what the launch does before starting anything, and at each poll
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_ctrl_c_a_finalizer_swallowed_is_still_obeyed_and_prints_nothing():
+    result = subprocess.run([sys.executable, "-c", SIGINT_IN_A_FINALIZER], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stderr) == (130, "")
