@@ -5,8 +5,8 @@ built from a config). Measured peak = rank 0's peak RSS minus the peak RSS of th
 tiny model of the same strategy (the process's own torch/gloo/Python footprint, which the estimate
 leaves out), with glibc told to return freed memory (FACTS.md: otherwise freed collective buffers
 stay in the heap and hide sharding). Step time: the estimate's prediction from a calibration taken
-at the start of the benchmark (`meshyard calibrate --procs 2`), against the median step of a second
-launch with glibc's defaults: returning memory makes every large tensor a fresh mmap whose pages
+at the start of the benchmark (`meshyard calibrate --procs 2`), against the median step of a second,
+longer launch with glibc's defaults: returning memory makes every large tensor a fresh mmap whose pages
 fault in on first touch, which cost a single process 0.15 s of system time per step of this model
 (~30%), so the memory launch's steps are slower than a user's (its median is kept beside, as
 `measured_step_time_returning_memory_s`).
@@ -35,6 +35,7 @@ from benchmarks.plotting import pyplot, save_png  # noqa: E402  (after the sys.p
 RESULTS = REPO / "benchmarks" / "results"
 MESHYARD = str(Path(sys.executable).parent / "meshyard")
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+TIMED_STEPS = 8  # the timing launch's median step (the first left out) over 7 steps: 3 swung by +-15% here
 
 TRANSFORMER = {"target": "launcher.models:transformer",
                "kwargs": {"vocab_size": 256, "dim": 384, "n_heads": 6, "n_layers": 6, "max_len": 64}}
@@ -81,12 +82,13 @@ def write_spec(workdir: Path, name: str, sections: dict[str, Any], model: dict[s
     return path
 
 
-def launch(spec: Path, env: dict[str, str], returning_memory: bool = True) -> list[dict[str, Any]]:
+def launch(spec: Path, env: dict[str, str], returning_memory: bool = True,
+           overrides: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     from launcher.metrics import read_metrics
     from tests.helpers import run_dir
 
     shutil.rmtree(run_dir(spec), ignore_errors=True)  # the timing launch reuses the memory launch's spec
-    done = subprocess.run([MESHYARD, "launch", str(spec)], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([MESHYARD, "launch", str(spec), *overrides], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **env, **(MALLOC if returning_memory else {})})
     if done.returncode:
         raise SystemExit(f"{spec.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
@@ -117,7 +119,7 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
     assert not isinstance(estimate, str), estimate
     records = launch(spec, env)
     load_before = os.getloadavg()[0]
-    timed = launch(spec, env, returning_memory=False)
+    timed = launch(spec, env, returning_memory=False, overrides=("--set", f"training.max_steps={TIMED_STEPS}"))
     baseline = footprint(workdir, sections, tiny, env, baselines)
     last, rank = records[-1], estimate.ranks[0]
     return {
