@@ -5,11 +5,14 @@ backend on 127.0.0.1, and times on every rank at once (ranks share the cores, so
 one rank gets): a square matmul in fp32 and bf16; fused causal attention forward and backward at a
 few sequence lengths (on CPU it runs far below the matmul rate, in bf16 backward most of all); a
 light (add) and a heavy (gelu) elementwise kernel in fp32 and bf16 on operands that are not in the
-caches (a step's activations are not); the overhead of one op (a tiny forward and backward
+caches (a step's activations are not); on CPU, what writing newly mapped memory costs beyond
+writing memory already touched (its pages fault in); the overhead of one op (a tiny forward and backward
 through modules, per op dispatched); each collective the estimate counts, with the
 estimate's payload convention (the all-reduced tensor, the gathered output, the reduce-scattered
 input, what one rank sends); and what tensor parallel and FSDP2 add per layer and per optimizer op
-on tiny layers. launcher/steptime.py prices the estimate's work at these rates.
+on tiny layers. launcher/steptime.py prices the estimate's work at these rates. CPU ranks start
+with the allocator settings a launch gives its ranks (launcher/allocator.py), so that what the
+collectives and kernels allocate costs here what it costs in a run.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ ATTENTION_TOKENS = {"cpu": 1 << 12, "cuda": 1 << 17}  # batch x heads x sequence
 PRECISIONS = (("fp32", torch.float32), ("bf16", torch.bfloat16))
 # a copy into a new tensor this large: above glibc's largest mmap threshold (32 MiB), so every one is mapped
 # anew and faults its pages in as it is written (on a GPU the caching allocator hands back the same memory)
-FRESH_BYTES = 64 << 20
+FIRST_TOUCH_BYTES = 64 << 20
 MIN_SECONDS = 0.25  # each measurement repeats until it has run this long
 
 
@@ -47,7 +50,10 @@ def calibrate(world_size: int, device: str, threads_per_rank: int) -> Measured:
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
+    from launcher.allocator import allocator_env
+
     backend = "nccl" if device == "cuda" else "gloo"
+    os.environ.update(allocator_env(device, []))  # read by each spawned rank's glibc at start, as in a launch
     # The parent holds the rendezvous store: no port to guess, and it outlives every rank.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)  # read by each spawned rank's torch at import
@@ -61,6 +67,7 @@ def calibrate(world_size: int, device: str, threads_per_rank: int) -> Measured:
                     collective_bytes_per_s=result["collectives"], torch_version=torch.__version__,
                     measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     attention_flops_per_s=result["attention"], elementwise_bytes_per_s=result["elementwise"],
+                    first_touch_bytes_per_s=result["first_touch"],
                     op_overhead_s=result["op_overhead"], parallel_overhead_s=result["parallel"])
 
 
@@ -75,6 +82,7 @@ def _rank(rank: int, world_size: int, port: int, backend: str, device_kind: str,
     try:
         rates: dict[str, Any] = {"matmul": {p: _matmul_rate(device, dtype) for p, dtype in PRECISIONS},
                                  "attention": _attention_rates(device), "elementwise": _elementwise_rates(device),
+                                 "first_touch": _first_touch_rate(device),
                                  "op_overhead": _op_overhead(device)}
         everyone: list[Any] = [None] * world_size
         dist.all_gather_object(everyone, rates)
@@ -157,8 +165,7 @@ def _elementwise_rates(device: torch.device) -> dict[str, float]:
     """Bytes read and written per second by a light (add) and a heavy (gelu) kernel, per precision:
     on operands cycled through pools larger than the caches ("fp32/light"), as forward and backward
     read activations written long before; and on the same operands every call ("fp32/light/cached"),
-    as an optimizer's dozen kernels over one parameter's tensors find them in the cache after the first.
-    And "fresh": a copy into memory allocated for it, as FSDP2's per-unit buffers are."""
+    as an optimizer's dozen kernels over one parameter's tensors find them in the cache after the first."""
     rates = {}
     n, count = ELEMENTWISE_POOL[device.type]
     for precision, dtype in PRECISIONS:
@@ -168,9 +175,19 @@ def _elementwise_rates(device: torch.device) -> dict[str, float]:
             add, gelu = _cycling(torch.ops.aten.add.out, *pools), _cycling(torch.ops.aten.gelu.out, pools[0], pools[2])
             rates[f"{precision}/light{suffix}"] = 3 * size / _timed(device, add)
             rates[f"{precision}/heavy{suffix}"] = 2 * size / _timed(device, gelu)
-    source = torch.randn(FRESH_BYTES // 4, device=device)
-    rates["fresh"] = 2 * FRESH_BYTES / _timed(device, partial(_copy_to_new, source))
     return rates
+
+
+def _first_touch_rate(device: torch.device) -> float:
+    """Bytes per second of newly mapped memory faulted in: a copy into a new tensor (glibc maps it
+    anew and unmaps it when freed) against the same copy into one already touched. On a GPU the
+    caching allocator reuses its memory: nothing to fault in."""
+    if device.type == "cuda":
+        return math.inf
+    source, target = torch.randn(FIRST_TOUCH_BYTES // 4), torch.empty(FIRST_TOUCH_BYTES // 4)
+    touched_s = _timed(device, partial(target.copy_, source))
+    new_s = _timed(device, partial(_copy_to_new, source))
+    return FIRST_TOUCH_BYTES / max(new_s - touched_s, 0.1 * new_s)  # noise must not make it free
 
 
 def _copy_to_new(source: torch.Tensor) -> torch.Tensor:
@@ -287,8 +304,8 @@ def describe(measured: Measured) -> str:
              + " GFLOP/s at sequence " + "/".join(next(iter(measured.attention_flops_per_s.values()), {})),
              "elementwise      " + ", ".join(f"{key} {rate / gb:.1f}" for key, rate in
                                              measured.elementwise_bytes_per_s.items())
-             + " GB/s per process (light: add, heavy: gelu; cached: operands in the caches; fresh: a copy into"
-             " newly allocated memory)",
+             + " GB/s per process (light: add, heavy: gelu; cached: operands in the caches)",
+             f"first touch      {measured.first_touch_bytes_per_s / gb:.1f} GB/s of newly mapped memory faulted in",
              f"op overhead      {1e6 * measured.op_overhead_s:.1f} us per op dispatched"]
     if measured.parallel_overhead_s:
         overhead = {key: f"{1e6 * value:.0f}" for key, value in measured.parallel_overhead_s.items()}

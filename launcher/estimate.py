@@ -8,10 +8,10 @@ and gradients plus an fp32 master copy in its optimizer). What is and is not cou
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from launcher.buffers import buffer_work
 from launcher.memory import optimizer_state_bytes_per_param
 from launcher.opcount import Work, optimizer_work
 from launcher.plan import Plan
@@ -43,6 +43,7 @@ class RankEstimate:
     collective_bytes: dict[str, int] = field(default_factory=dict)  # payload per step, by collective
     work: Work | None = None  # kernels of its forwards and backwards per step (launcher/opcount.py); None: not traced
     optimizer_work: Work | None = None  # kernels of its optimizer step over the parameters it updates
+    buffer_work: Work | None = None  # copies into and out of communication buffers, and their allocations
     # per step: tensor-parallel linears run ("tp_linear") and FSDP2 units gathered ("fsdp_unit"), each
     # forward and backward of one micro-batch; and whether its parameters are DTensors (FSDP2, tensor parallel)
     parallel_calls: dict[str, int] = field(default_factory=dict)
@@ -119,16 +120,25 @@ def element_bytes(spec: JobSpec, plan: Plan) -> tuple[int, int, int]:
     return 4, 4, o
 
 
+def gathered_bytes(spec: JobSpec, plan: Plan) -> int:
+    """Bytes per element of the parameters ZeRO-2/3 gathers: FSDP2's bf16 MixedPrecisionPolicy
+    gathers them in bf16 (strategies/fsdp.py), otherwise as stored."""
+    if plan.strategy == "zero" and spec.training.precision == "bf16":
+        return 2
+    return element_bytes(spec, plan)[0]
+
+
 def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]:
     """Bytes of weights, gradients, optimizer state and communication buffers of one rank, and the
     payload its collectives move per step (the activation-sized parts come from the trace)."""
     pb, gb, ob = element_bytes(spec, plan)
     full, accum, dp = counts.local, plan.grad_accum_steps, plan.dp_degree
     p_full, g_full = full * pb, full * gb
+    ab = gathered_bytes(spec, plan)
     stage = plan.zero_stage or 0
-    # "stepped": the parameter elements (and tensors) this rank's optimizer updates
+    # "stepped": the elements of each parameter tensor this rank's optimizer updates
     replicated = {"params": full, "param_bytes": p_full, "grad_bytes": g_full, "optimizer_bytes": full * ob,
-                  "stepped": (full, counts.tensors)}
+                  "stepped": counts.sizes}
     if plan.strategy == "single" or dp == 1:
         return {**replicated, "buffer_bytes": 0, "collectives": {}}
     if plan.strategy == "ddp" or (plan.strategy == "deepspeed" and stage == 0):
@@ -138,8 +148,7 @@ def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]
         return {**replicated, "buffer_bytes": g_full, "collectives": {"all_reduce": g_full}}
     if plan.strategy == "zero" and stage == 1:
         return {**replicated, "optimizer_bytes": counts.zero1_partition * ob, "buffer_bytes": g_full,
-                # whole tensors: its share of the tensors in proportion to its elements
-                "stepped": (counts.zero1_partition, math.ceil(counts.tensors * counts.zero1_partition / max(1, full))),
+                "stepped": counts.zero1_sizes,
                 "collectives": {"all_reduce": g_full, "broadcast": p_full}}
     shard = counts.fsdp_shard if plan.strategy == "zero" else ceil_div(full, dp)
     # Under accumulation FSDP2 keeps unsharded gradients between micro-batches (no sync until the last).
@@ -149,17 +158,17 @@ def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]
     if stage == 2 and plan.strategy == "zero":
         # parameters stay unsharded from forward to the end of backward; one layer's gradient before reduce-scatter
         return {"params": shard, "param_bytes": shard * pb, "grad_bytes": grads, "optimizer_bytes": shard * ob,
-                "stepped": (shard, counts.tensors), "buffer_bytes": p_full + largest * gb,
-                "collectives": {"all_gather": accum * p_full, "reduce_scatter": g_full}}
+                "stepped": counts.fsdp_sizes, "buffer_bytes": full * ab + largest * gb,
+                "collectives": {"all_gather": accum * full * ab, "reduce_scatter": g_full}}
     if stage == 3:
         # the root's parameters (not resharded after forward) and the largest layer's, gathered; its gradient
         return {"params": shard, "param_bytes": shard * pb, "grad_bytes": grads, "optimizer_bytes": shard * ob,
                 # FSDP2 steps a shard of every tensor, DeepSpeed one flat partition
-                "stepped": (shard, counts.tensors if plan.strategy == "zero" else 1),
-                "buffer_bytes": (root + largest) * pb + max(root, largest) * gb,
-                "collectives": {"all_gather": accum * (2 * (full - root) + root) * pb, "reduce_scatter": g_full}}
+                "stepped": counts.fsdp_sizes if plan.strategy == "zero" else (shard,),
+                "buffer_bytes": (root + largest) * ab + max(root, largest) * gb,
+                "collectives": {"all_gather": accum * (2 * (full - root) + root) * ab, "reduce_scatter": g_full}}
     # DeepSpeed stages 1 and 2: flat optimizer (and stage 2 gradient) partitions, gradient-sized buckets
-    return {**replicated, "optimizer_bytes": shard * ob, "stepped": (shard, 1),
+    return {**replicated, "optimizer_bytes": shard * ob, "stepped": (shard,),
             "grad_bytes": shard * gb if stage == 2 else g_full,
             "buffer_bytes": g_full, "collectives": {"reduce_scatter": g_full, "all_gather": p_full}}
 
@@ -222,6 +231,7 @@ def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: 
     return {"activation_bytes": activations, "micro_batches_in_flight": chunks,
             "buffer_bytes": buffers, "flops_per_step": int(local.flops * share * steps) + recomputed,
             "work": work, "parallel_calls": {"tp_linear": tp_linears} if tp_linears else {},
+            "tp_call_bytes": collectives["all_reduce_tp"] // tp_linears if tp_linears else 0,
             "collectives": {op: size for op, size in collectives.items() if size}}
 
 
@@ -281,7 +291,7 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
     ac = spec.training.activation_checkpointing
     traced = traced_rank(plan, rank, counts.stages, local, recompute(local, ac)) if local is not None else {
         "activation_bytes": None, "micro_batches_in_flight": in_flight(plan, rank), "buffer_bytes": 0,
-        "flops_per_step": None, "work": None, "parallel_calls": {}, "collectives": {}}
+        "flops_per_step": None, "work": None, "parallel_calls": {}, "tp_call_bytes": 0, "collectives": {}}
     fsdp = plan.strategy == "zero" and (plan.zero_stage or 0) >= 2 and plan.dp_degree > 1
     steps = plan.grad_accum_steps * pipeline_microbatches(plan)
     # FSDP2 units: each layer it holds and the root, gathered (and reduce-scattered) for every micro-batch
@@ -294,7 +304,8 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
         activation_bytes=traced["activation_bytes"], micro_batches_in_flight=traced["micro_batches_in_flight"],
         buffer_bytes=state["buffer_bytes"] + traced["buffer_bytes"], flops_per_step=traced["flops_per_step"],
         collective_bytes=collectives, work=traced["work"],
-        optimizer_work=optimizer_work(spec.optimizer, *state["stepped"]),
+        optimizer_work=optimizer_work(spec.optimizer, state["stepped"]),
+        buffer_work=buffer_work(plan, counts, collectives, gathered_bytes(spec, plan), traced["tp_call_bytes"]),
         parallel_calls=calls, dtensor_params=fsdp or plan.tp_degree > 1,
         grads_meet_activations=plan.grad_accum_steps > 1 or plan.pp_degree > 1)
 

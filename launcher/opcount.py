@@ -8,7 +8,9 @@ tensors in the estimate, on real ones in calibrate) and sorts it into:
 - every other kernel (bytes read and written, by dtype and class): "heavy" kernels, whose
   per-element arithmetic (transcendentals, normalization statistics) costs more than their memory
   traffic on CPU, and "light" ones (adds, multiplies, copies, casts, reductions);
-- the number of ops dispatched, views included: each pays Python and dispatcher overhead.
+- the number of ops dispatched, views included: each pays Python and dispatcher overhead;
+- the tensors ops allocate, by size: on CPU, glibc serves an allocation at or above its mmap
+  threshold with a new mapping whose pages fault in as they are first written (launcher/allocator.py).
 """
 from __future__ import annotations
 
@@ -49,10 +51,12 @@ class Work:
     attention_flops: dict[str, float] = field(default_factory=dict)  # "bf16/backward/64": dtype/direction/seq
     elementwise_bytes: dict[str, float] = field(default_factory=dict)  # "fp32/light", "bf16/heavy", ...
     ops: float = 0.0
+    allocated_bytes: dict[str, float] = field(default_factory=dict)  # size of one allocation (bytes) -> bytes in all
 
     def __add__(self, other: Work) -> Work:
         return Work(_merge(self.matmul_flops, other.matmul_flops), _merge(self.attention_flops, other.attention_flops),
-                    _merge(self.elementwise_bytes, other.elementwise_bytes), ops=self.ops + other.ops)
+                    _merge(self.elementwise_bytes, other.elementwise_bytes), ops=self.ops + other.ops,
+                    allocated_bytes=_merge(self.allocated_bytes, other.allocated_bytes))
 
     def __sub__(self, other: Work) -> Work:
         return self + other.scaled(-1.0)
@@ -60,7 +64,12 @@ class Work:
     def scaled(self, factor: float) -> Work:
         return Work({k: v * factor for k, v in self.matmul_flops.items()},
                     {k: v * factor for k, v in self.attention_flops.items()},
-                    {k: v * factor for k, v in self.elementwise_bytes.items()}, ops=self.ops * factor)
+                    {k: v * factor for k, v in self.elementwise_bytes.items()}, ops=self.ops * factor,
+                    allocated_bytes={k: v * factor for k, v in self.allocated_bytes.items()})
+
+    def first_touch_bytes(self, threshold: int | None) -> float:
+        """Bytes allocated in tensors of at least `threshold` bytes (None: no allocation faults in)."""
+        return 0.0 if threshold is None else sum(v for k, v in self.allocated_bytes.items() if int(k) >= threshold)
 
     @property
     def flops(self) -> float:
@@ -108,11 +117,13 @@ class WorkCounter(TorchDispatchMode):
         self.matmul: Counter[str] = Counter()
         self.attention: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
+        self.allocated: Counter[str] = Counter()
         self.ops = 0
 
     @property
     def work(self) -> Work:
-        return Work(dict(self.matmul), dict(self.attention), dict(self.bytes), ops=float(self.ops))
+        return Work(dict(self.matmul), dict(self.attention), dict(self.bytes), ops=float(self.ops),
+                    allocated_bytes=dict(self.allocated))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -127,6 +138,10 @@ class WorkCounter(TorchDispatchMode):
         floating = [t for t in (*outputs, *inputs) if t.is_floating_point()]
         dtype = dtype_key(floating[0].dtype) if floating else "fp32"
         name = func._overloadpacket.__name__
+        mutable = func._schema.is_mutable  # in place or out=: writes tensors that exist
+        aliased = func.is_view or not mutable and self._aliases(inputs, outputs)
+        for _, size in {storage_key(t) for t in outputs} if not (aliased or mutable) else ():
+            self.allocated[str(size)] += size
         formula = self.formulas.get(func._overloadpacket)
         if formula is not None:
             flops = formula(*args, **kwargs, out_val=out)
@@ -136,30 +151,38 @@ class WorkCounter(TorchDispatchMode):
             else:
                 self.matmul[dtype] += flops
             return
-        if name in NO_DATA or func.is_view or self._aliases(func, inputs, outputs):
+        if name in NO_DATA or aliased:
             return  # no data moves
         moved = sum(_bytes_read(t) for t in inputs) + sum(t.numel() * t.element_size() for t in outputs)
         self.bytes[f"{dtype}/{'heavy' if name in HEAVY else 'light'}"] += moved
 
     @staticmethod
-    def _aliases(func: Any, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
-        """An op that returns a view without declaring it (_unsafe_view); in-place ops write, so they count."""
-        if func._schema.is_mutable or not outputs:
-            return False
+    def _aliases(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+        """An op that returns a view without declaring it (_unsafe_view)."""
         held = {storage_key(t)[0] for t in inputs}
-        return all(storage_key(t)[0] in held for t in outputs)
+        return bool(outputs) and all(storage_key(t)[0] in held for t in outputs)
 
 
 OPTIMIZER_PROBE_ELEMENTS = 4096
 
 
-def optimizer_work(spec: OptimizerSpec, elements: int, tensors: int) -> Work:
-    """One optimizer step over `elements` parameter elements in `tensors` tensors, as a strategy runs
-    it (L1/L2, the global gradient norm and clipping, the update, zero_grad): counted on a real step
-    of one probe tensor, bytes scaled by elements and ops by tensors (foreach=False: per-tensor kernels)."""
-    probe = _probe_step(spec)
-    return Work(elementwise_bytes={k: v * elements / OPTIMIZER_PROBE_ELEMENTS
-                                   for k, v in probe.elementwise_bytes.items()}, ops=probe.ops * tensors)
+def optimizer_work(spec: OptimizerSpec, sizes: tuple[int, ...]) -> Work:
+    """One optimizer step over parameter tensors of `sizes` elements, as a strategy runs it (L1/L2,
+    the global gradient norm and clipping, the update, zero_grad): counted on a real step of one
+    probe tensor, ops per tensor (foreach=False: per-tensor kernels), bytes moved per element, and
+    its tensor-sized temporaries (Adam's square root, ...) at each tensor's size; smaller allocations
+    (norms, scalars) as they are, per tensor."""
+    probe, n = _probe_step(spec), OPTIMIZER_PROBE_ELEMENTS
+    allocated: dict[str, float] = {}
+    for size in sizes:
+        for key, total in probe.allocated_bytes.items():
+            if int(key) >= n:  # at least one byte per element: a temporary shaped as the tensor
+                scaled = str(int(key) * size // n)
+                allocated[scaled] = allocated.get(scaled, 0.0) + total * size / n
+            else:
+                allocated[key] = allocated.get(key, 0.0) + total
+    return Work(elementwise_bytes={k: v * sum(sizes) / n for k, v in probe.elementwise_bytes.items()},
+                ops=probe.ops * len(sizes), allocated_bytes=allocated)
 
 
 @cache

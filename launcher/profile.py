@@ -47,8 +47,10 @@ class Measured:
     # "fp32/forward" -> {sequence length: counted FLOPs per second} of causal attention (head dim 64)
     attention_flops_per_s: dict[str, dict[str, float]]
     # "fp32/light" (add), "fp32/heavy" (gelu), "bf16/light", ... on operands from memory; "fp32/light/cached", ...
-    # on operands in the caches; "fresh": a copy into newly allocated memory
+    # on operands in the caches
     elementwise_bytes_per_s: dict[str, float]
+    # bytes of newly mapped memory faulted in per second as they are first written (CPU; inf on GPUs)
+    first_touch_bytes_per_s: float
     op_overhead_s: float  # per op dispatched: Python, modules, dispatcher, autograd
     # added per tensor-parallel linear ("tp_linear") and FSDP2 unit ("fsdp_unit") per micro-batch, and per
     # optimizer op on DTensor parameters ("dtensor_op"); empty at world size 1

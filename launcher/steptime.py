@@ -23,26 +23,11 @@ from launcher.opcount import Work
 from launcher.plan import Plan
 from launcher.profile import Measured, load_measured, profile_path
 
-COMPUTE = ("matmul", "attention", "elementwise", "op_overhead", "parallel_overhead", "pipeline_bubble")
+COMPUTE = ("matmul", "attention", "elementwise", "first_touch", "op_overhead", "parallel_overhead", "pipeline_bubble")
+GLIBC_MAX_MMAP_THRESHOLD = 32 << 20  # where glibc's dynamic threshold stops rising (64-bit)
 # the calibrated collective whose rate prices each payload the estimate counts
 RATE_OF = {"all_reduce": "all_reduce", "all_reduce_tp": "all_reduce", "all_gather": "all_gather",
            "reduce_scatter": "reduce_scatter", "broadcast": "broadcast", "send_recv": "send_recv"}
-
-
-def buffer_copies(op: str, plan: Plan) -> tuple[float, str]:
-    """Bytes read and written outside the collective per payload byte, as the strategies run them,
-    and the elementwise rate that prices them. DDP (and ZeRO-1, DeepSpeed stage 0) copies gradients
-    into a bucket, divides it by the world size and copies it back: 3 passes of a read and a write
-    over buffers it keeps. FSDP2 copies the local shard into the all-gather input and the gathered
-    output out to the parameters, and concatenates gradients into the reduce-scatter input and copies
-    the reduced shard out: a pass over the payload and one over a 1/dp shard, into memory it allocates
-    anew for every unit and micro-batch, whose pages (on CPU, where glibc hands such buffers back to
-    the system) fault in as they are written: the "fresh" rate. DeepSpeed keeps flat buffers. Tensor
-    parallel's functional all-reduce writes a new output. Broadcast and send/recv work in place or
-    on preallocated buffers."""
-    if op in ("all_gather", "reduce_scatter"):
-        return 2 + 2 / plan.dp_degree, "fresh" if plan.strategy == "zero" else "fp32/light"
-    return {"all_reduce": 6.0, "all_reduce_tp": 2.0}.get(op, 0.0), "fp32/light"
 
 
 @dataclass(frozen=True)
@@ -66,7 +51,8 @@ class StepTime:
                 f" {1000 * self.optimizer_s:.1f} ms (slowest rank; MFU {100 * self.predicted_mfu:.0f}%;"
                 f" profile {self.profile})\n"
                 f"{'':<17}compute = matmul {ms['matmul']} + attention {ms['attention']} + elementwise"
-                f" {ms['elementwise']} + op overhead {ms['op_overhead']} + parallel overhead {ms['parallel_overhead']}"
+                f" {ms['elementwise']} + first touch {ms['first_touch']} + op overhead {ms['op_overhead']}"
+                f" + parallel overhead {ms['parallel_overhead']}"
                 f" + pipeline bubble {ms['pipeline_bubble']};"
                 f" communication = payload {ms['collectives']} + buffer copies {ms['buffer_copies']} ms")
 
@@ -95,10 +81,21 @@ def attention_rate(measured: Measured, key: str) -> float:
     return points[-1][1]
 
 
-def price(work: Work, measured: Measured, cached: bool = False) -> dict[str, float]:
+def mmap_threshold(plan: Plan) -> int | None:
+    """The allocation size from which a CPU rank's glibc maps memory anew (and faults it in on first
+    touch): MALLOC_MMAP_THRESHOLD_ as the ranks get it (launcher/allocator.py), glibc's ceiling
+    where unset; None on GPUs (the caching allocator reuses its memory)."""
+    if plan.device != "cpu":
+        return None
+    value = plan.allocator_env.get("MALLOC_MMAP_THRESHOLD_", "")
+    return int(value) if value.isdigit() else GLIBC_MAX_MMAP_THRESHOLD
+
+
+def price(work: Work, measured: Measured, threshold: int | None, cached: bool = False) -> dict[str, float]:
     """Seconds of `work` at this machine's rates, by kind; elementwise kernels on operands from memory
-    (forward, backward) or in the caches (`cached`: an optimizer's kernels over one parameter's tensors).
-    A precision calibrate did not measure runs at fp32's."""
+    (forward, backward) or in the caches (`cached`: an optimizer's kernels over one parameter's tensors);
+    allocations of at least `threshold` bytes at the first-touch rate. A precision calibrate did not
+    measure runs at fp32's."""
     matmul = measured.matmul_flops_per_s
     elementwise, where = measured.elementwise_bytes_per_s, "/cached" if cached else ""
     return {
@@ -106,13 +103,14 @@ def price(work: Work, measured: Measured, cached: bool = False) -> dict[str, flo
         "attention": sum(flops / attention_rate(measured, key) for key, flops in work.attention_flops.items()),
         "elementwise": sum(size / elementwise.get(key + where, elementwise["fp32/" + key.split("/")[1] + where])
                            for key, size in work.elementwise_bytes.items()),
+        "first_touch": work.first_touch_bytes(threshold) / measured.first_touch_bytes_per_s,
         "op_overhead": work.ops * measured.op_overhead_s,
     }
 
 
 def _rank_parts(rank: RankEstimate, plan: Plan, measured: Measured) -> dict[str, float]:
-    overhead = measured.parallel_overhead_s
-    compute = {**price(rank.work or Work(), measured),
+    overhead, threshold = measured.parallel_overhead_s, mmap_threshold(plan)
+    compute = {**price(rank.work or Work(), measured, threshold),
                "parallel_overhead": sum(count * overhead.get(kind, 0.0) for kind, count in rank.parallel_calls.items())}
     busy = sum(compute.values())
     optimizer = rank.optimizer_work or Work()
@@ -121,9 +119,8 @@ def _rank_parts(rank: RankEstimate, plan: Plan, measured: Measured) -> dict[str,
     priced = {op: size for op, size in rank.collective_bytes.items() if RATE_OF.get(op) in rates}
     return {**compute, "pipeline_bubble": busy * (bubble(plan) - 1),
             "collectives": sum(size / rates[RATE_OF[op]] for op, size in priced.items()),
-            "buffer_copies": sum(size * factor / measured.elementwise_bytes_per_s[rate] for op, size in priced.items()
-                                 for factor, rate in [buffer_copies(op, plan)]),
-            "optimizer": sum(price(optimizer, measured, cached=True).values()) + dtensor_ops}
+            "buffer_copies": sum(price(rank.buffer_work or Work(), measured, threshold).values()),
+            "optimizer": sum(price(optimizer, measured, threshold, cached=True).values()) + dtensor_ops}
 
 
 def predict_step_time(estimate: Estimate, plan: Plan, precision: str,

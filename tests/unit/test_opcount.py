@@ -59,9 +59,28 @@ def test_a_traced_forward_and_backward_splits_flops_by_kind_and_counts_gelu_byte
 def test_an_optimizer_step_scales_with_elements_and_tensors():
     sgd = OptimizerSpec(name="sgd", lr=0.1)
     # p -= lr * grad reads p and grad and writes p; the gradient norm reads grad once more
-    assert optimizer_work(sgd, 10**6, 1).elementwise_bytes["fp32/light"] == pytest.approx(16e6, rel=1e-3)
+    assert optimizer_work(sgd, (10**6,)).elementwise_bytes["fp32/light"] == pytest.approx(16e6, rel=1e-3)
     adam = OptimizerSpec(name="adam", lr=0.1)
-    one, three = optimizer_work(adam, 10**6, 1), optimizer_work(adam, 2 * 10**6, 3)
+    one, three = optimizer_work(adam, (10**6,)), optimizer_work(adam, (10**6, 6 * 10**5, 4 * 10**5))
     assert three.ops == 3 * one.ops > 0
-    assert three.elementwise_bytes == {key: 2 * size for key, size in one.elementwise_bytes.items()}
+    assert three.elementwise_bytes == pytest.approx({key: 2 * size for key, size in one.elementwise_bytes.items()})
     assert one.elementwise_bytes["fp32/heavy"] > 0  # Adam's square root
+    # Adam's temporaries (the square root, its division) are as large as the tensor; the norms' are scalars
+    assert one.allocated_bytes[str(4 * 10**6)] == 2 * 4 * 10**6
+    assert three.allocated_bytes[str(4 * 6 * 10**5)] == 2 * 4 * 6 * 10**5
+    assert 0 < sum(v for k, v in three.allocated_bytes.items() if int(k) < 4096) < 100 * 3
+
+
+def test_allocations_are_counted_by_size_and_views_and_in_place_ops_allocate_nothing():
+    a, b = torch.randn(3, 5), torch.randn(3, 5)
+    assert counted(lambda: a + b).allocated_bytes == {str(15 * F32): 15 * F32}
+    assert counted(lambda: (a + b, a * b, a.sum())).allocated_bytes == {str(15 * F32): 2 * 15 * F32, str(F32): F32}
+    assert counted(lambda: (a.add_(b), a.view(15), a.t(), torch.add(a, b, out=b))).allocated_bytes == {}
+    assert counted(lambda: a.to(torch.bfloat16)).allocated_bytes == {str(15 * 2): 15 * 2}
+    work = counted(lambda: torch.mm(torch.empty(64, 32), torch.empty(32, 1024)))
+    assert work.allocated_bytes == {str(64 * 32 * F32): 64 * 32 * F32, str(32 * 1024 * F32): 32 * 1024 * F32,
+                                    str(64 * 1024 * F32): 64 * 1024 * F32}
+    # what glibc would map anew: the allocations at or above its threshold
+    assert work.first_touch_bytes(64 * 1024 * F32) == 64 * 1024 * F32
+    assert work.first_touch_bytes(64 * 32 * F32) == (64 * 32 + 32 * 1024 + 64 * 1024) * F32
+    assert work.first_touch_bytes(None) == 0
