@@ -5,11 +5,12 @@ built from a config). Measured peak = rank 0's peak RSS minus the peak RSS of th
 tiny model of the same strategy (the process's own torch/gloo/Python footprint, which the estimate
 leaves out), with glibc told to return freed memory (FACTS.md: otherwise freed collective buffers
 stay in the heap and hide sharding). Step time: the estimate's prediction from a calibration taken
-at the start of the benchmark (`meshyard calibrate --procs 2`), against the median step of a second,
-longer launch with glibc's defaults: returning memory makes every large tensor a fresh mmap whose pages
-fault in on first touch, which cost a single process 0.15 s of system time per step of this model
-(~30%), so the memory launch's steps are slower than a user's (its median is kept beside, as
-`measured_step_time_returning_memory_s`).
+at the start of the benchmark (`meshyard calibrate --procs 2`), against the median step (the first
+left out) of a second, longer launch that runs as a user's `meshyard launch` does: the benchmark
+sets no allocator variable, so the ranks get meshyard's own (MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ 1 MiB, launcher/allocator.py), as the plan the prediction comes from assumes.
+The memory launch's 64 KiB thresholds make nearly every tensor a new mapping whose pages fault in,
+so its steps are slower (its median is kept beside, as `measured_step_time_returning_memory_s`).
 
     python benchmarks/plan_accuracy.py           # writes results/plan_accuracy.{json,png}
     python benchmarks/plan_accuracy.py ddp-ac-full   # those configurations only: printed, nothing written
@@ -134,6 +135,7 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
         if isinstance(predicted, StepTime) else None,
         "measured_step_time_s": statistics.median(r["step_time_s"] for r in timed[1:]),
         "measured_step_time_returning_memory_s": statistics.median(r["step_time_s"] for r in records[1:]),
+        "timing_allocator_env": session.plan.allocator_env,  # what the timing launch's ranks got, as planned
         # other work on the machine slows the measured steps (and the calibration) unevenly: the
         # 1-minute load average around the timing launch says how quiet it was (2 ranks alone: ~2)
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],

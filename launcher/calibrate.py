@@ -16,13 +16,14 @@ collectives and kernels allocate costs here what it costs in a run.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -53,11 +54,12 @@ def calibrate(world_size: int, device: str, threads_per_rank: int) -> Measured:
     from launcher.allocator import allocator_env
 
     backend = "nccl" if device == "cuda" else "gloo"
-    os.environ.update(allocator_env(device, []))  # read by each spawned rank's glibc at start, as in a launch
     # The parent holds the rendezvous store: no port to guess, and it outlives every rank.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)  # read by each spawned rank's torch at import
-    with tempfile.TemporaryDirectory(prefix="meshyard-calibrate-") as tmp:
+    # read by each spawned rank's glibc and torch at start, as in a launch; only for the ranks: the
+    # next world size's threads are chosen from the user's environment, not this one's
+    ranks_env = {**allocator_env(device, []), "OMP_NUM_THREADS": str(threads_per_rank)}
+    with tempfile.TemporaryDirectory(prefix="meshyard-calibrate-") as tmp, _environment(ranks_env):
         out = Path(tmp) / "result.json"
         mp.start_processes(_rank, args=(world_size, store.port, backend, device, threads_per_rank, str(out)),
                            nprocs=world_size, start_method="spawn")
@@ -69,6 +71,21 @@ def calibrate(world_size: int, device: str, threads_per_rank: int) -> Measured:
                     attention_flops_per_s=result["attention"], elementwise_bytes_per_s=result["elementwise"],
                     first_touch_bytes_per_s=result["first_touch"],
                     op_overhead_s=result["op_overhead"], parallel_overhead_s=result["parallel"])
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ (what spawned processes inherit) until the block ends."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _rank(rank: int, world_size: int, port: int, backend: str, device_kind: str, threads: int, out: str) -> None:

@@ -190,6 +190,19 @@ def test_calibrate_refuses_bad_arguments_in_one_line(capsys, argv, message):
     assert err.startswith(message) and len(err.splitlines()) == 1
 
 
+def test_calibrate_gives_the_ranks_their_environment_only_while_they_start(monkeypatch):
+    import os
+
+    from launcher.calibrate import _environment
+
+    # `calibrate --procs 1 2` once measured 2 ranks x 2 threads: the 1-process run's OMP_NUM_THREADS stayed behind
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with _environment({"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}):
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+    assert os.environ["OMP_NUM_THREADS"] == "3" and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+
+
 def traced(spec_path, *overrides):
     """The estimate and the micro-batch trace it was made from (the rank-local one: no tensor parallel here)."""
     session = prepare(str(spec_path), list(overrides))
