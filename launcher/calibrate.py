@@ -10,9 +10,11 @@ writing memory already touched (its pages fault in); the overhead of one op (a t
 through modules, per op dispatched); each collective the estimate counts, with the
 estimate's payload convention (the all-reduced tensor, the gathered output, the reduce-scattered
 input, what one rank sends); and what tensor parallel and FSDP2 add per layer and per optimizer op
-on tiny layers. launcher/steptime.py prices the estimate's work at these rates. CPU ranks start
-with the allocator settings a launch gives its ranks (launcher/allocator.py), so that what the
-collectives and kernels allocate costs here what it costs in a run.
+on tiny layers. launcher/steptime.py prices the estimate's work at these rates. The ranks run with
+glibc's own allocator settings, not a launch's (launcher/allocator.py): under a launch's 1 MiB mmap
+threshold every output of a timed kernel at or above it (a 512 x 512 fp32 matmul's is 1 MiB) would
+be mapped anew and fault in, slowing the kernel's rate by the page faults that the prediction
+prices apart, at the first-touch rate, for the allocations a launch maps anew.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +47,7 @@ PRECISIONS = (("fp32", torch.float32), ("bf16", torch.bfloat16))
 # anew and faults its pages in as it is written (on a GPU the caching allocator hands back the same memory)
 FIRST_TOUCH_BYTES = 64 << 20
 MIN_SECONDS = 0.25  # each measurement repeats until it has run this long
+WINDOWS = 3
 
 
 def calibrate(world_size: int, device: str, threads_per_rank: int) -> Measured:
@@ -51,15 +55,13 @@ def calibrate(world_size: int, device: str, threads_per_rank: int) -> Measured:
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from launcher.allocator import allocator_env
-
     backend = "nccl" if device == "cuda" else "gloo"
     # The parent holds the rendezvous store: no port to guess, and it outlives every rank.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    # read by each spawned rank's glibc and torch at start, as in a launch; only for the ranks: the
-    # next world size's threads are chosen from the user's environment, not this one's
-    ranks_env = {**allocator_env(device, []), "OMP_NUM_THREADS": str(threads_per_rank)}
-    with tempfile.TemporaryDirectory(prefix="meshyard-calibrate-") as tmp, _environment(ranks_env):
+    # read by each spawned rank's torch at import; only for the ranks: the next world size's threads
+    # are chosen from the user's environment, not this one's
+    threads = {"OMP_NUM_THREADS": str(threads_per_rank)}
+    with tempfile.TemporaryDirectory(prefix="meshyard-calibrate-") as tmp, _environment(threads):
         out = Path(tmp) / "result.json"
         mp.start_processes(_rank, args=(world_size, store.port, backend, device, threads_per_rank, str(out)),
                            nprocs=world_size, start_method="spawn")
@@ -115,8 +117,10 @@ def _rank(rank: int, world_size: int, port: int, backend: str, device_kind: str,
 
 def _timed(device: torch.device, work: Callable[[], object]) -> float:
     """Seconds per call of `work`: one warm-up call, one timed call to size the loop, then as many
-    calls as fill MIN_SECONDS. Every rank makes the same number of calls (the largest any rank
-    asks for): a collective called more often on one rank than on another would wait forever."""
+    calls as fill MIN_SECONDS, in WINDOWS windows of which the median counts (a moment of other
+    work on a shared machine slows one window, not the rate). Every rank makes the same number of
+    calls (the largest any rank asks for): a collective called more often on one rank than on
+    another would wait forever."""
     import torch.distributed as dist
 
     def timed_calls(count: int) -> float:
@@ -131,8 +135,8 @@ def _timed(device: torch.device, work: Callable[[], object]) -> float:
     work()
     wanted = torch.tensor([max(3, math.ceil(MIN_SECONDS / max(timed_calls(1), 1e-6)))], device=device)
     dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
-    calls = int(wanted.item())
-    return timed_calls(calls) / calls
+    calls = -(-int(wanted.item()) // WINDOWS)
+    return statistics.median(timed_calls(calls) / calls for _ in range(WINDOWS))
 
 
 def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
