@@ -228,6 +228,12 @@ def test_activation_checkpointing_keeps_layer_inputs_and_recomputes_one_layer_at
     assert extra == sum(trace.forward_flops[1:-1])
     assert extra == pytest.approx(4 * T * L * (2 * 12 * D * D + 4 * T * D), rel=0.10)
     assert full.flops_per_step == none.flops_per_step  # model FLOPs (MFU) do not count the recompute
+    # the step time prices the recompute: the layers' forward kernels once more, counted per layer in the trace
+    recomputed = full.ranks[0].work - none.ranks[0].work
+    assert recomputed.flops == pytest.approx(extra) and recomputed.ops == sum(w.ops for w in trace.forward_work[1:-1])
+    assert recomputed.elementwise_bytes == pytest.approx(
+        {k: sum(w.elementwise_bytes.get(k, 0) for w in trace.forward_work[1:-1]) for k in recomputed.elementwise_bytes})
+    assert sum(w.ops for w in trace.forward_work) < none.ranks[0].work.ops  # the backward's are not in it
 
     # every_2 checkpoints the 2nd of the 2 layers: it keeps its input, and its activations come back in backward
     _, every_2, _ = traced(spec, "training.activation_checkpointing=every_2")
