@@ -4,12 +4,13 @@ the rates `meshyard calibrate` measured on this host for the plan's backend and 
 A sum, not a simulation. Compute: every kernel of the traced forward and backward at its rate
 (matrix multiplies at the matmul rate, fused attention at the attention rate for its precision,
 direction and sequence length, other kernels' bytes at the light or heavy elementwise rate) plus
-the overhead of each op dispatched, plus what tensor parallel and FSDP2 add per layer (DTensor
-dispatch, hooks, small collectives' latency), stretched by the pipeline's bubble. Communication: every
-collective's payload at its calibrated rate (no overlap with compute) plus the copies of that
-payload into and out of the strategy's communication buffers (FSDP2's into fresh memory). Optimizer: the
-counted kernels and ops of a real step of the spec's optimizer, scaled to the rank's parameters,
-at the in-cache elementwise rates (with the extra cost of each op on DTensor parameters).
+the overhead of each op dispatched, the allocations glibc maps anew at the first-touch rate, and
+what tensor parallel and FSDP2 add per layer (DTensor dispatch, hooks, small collectives' latency),
+stretched by the pipeline's bubble. Communication: every collective's payload at its calibrated
+rate (no overlap with compute) plus the strategies' buffer copies and allocations
+(launcher/buffers.py). Optimizer: the counted kernels, ops and temporaries of a real step of the
+spec's optimizer, scaled to the rank's parameter tensors, at the in-cache elementwise rates (with
+the extra cost of each op on DTensor parameters).
 The slowest rank sets the step. What is still left out is listed in docs/planning.md.
 """
 from __future__ import annotations
