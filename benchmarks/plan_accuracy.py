@@ -5,7 +5,12 @@ built from a config). Measured peak = rank 0's peak RSS minus the peak RSS of th
 tiny model of the same strategy (the process's own torch/gloo/Python footprint, which the estimate
 leaves out), with glibc told to return freed memory (FACTS.md: otherwise freed collective buffers
 stay in the heap and hide sharding). Step time: the estimate's prediction from a calibration taken
-at the start of the benchmark (`meshyard calibrate --procs 2`), against the median measured step.
+at the start of the benchmark (`meshyard calibrate --procs 2`), against the median step (the first
+left out) of a second, longer launch that runs as a user's `meshyard launch` does: the benchmark
+sets no allocator variable, so the ranks get meshyard's own (MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ 1 MiB, launcher/allocator.py), as the plan the prediction comes from assumes.
+The memory launch's 64 KiB thresholds make nearly every tensor a new mapping whose pages fault in,
+so its steps are slower (its median is kept beside, as `measured_step_time_returning_memory_s`).
 
     python benchmarks/plan_accuracy.py           # writes results/plan_accuracy.{json,png}
     python benchmarks/plan_accuracy.py ddp-ac-full   # those configurations only: printed, nothing written
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +36,7 @@ from benchmarks.plotting import pyplot, save_png  # noqa: E402  (after the sys.p
 RESULTS = REPO / "benchmarks" / "results"
 MESHYARD = str(Path(sys.executable).parent / "meshyard")
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+TIMED_STEPS = 8  # the timing launch's median step (the first left out) over 7 steps: 3 swung by +-15% here
 
 TRANSFORMER = {"target": "launcher.models:transformer",
                "kwargs": {"vocab_size": 256, "dim": 384, "n_heads": 6, "n_layers": 6, "max_len": 64}}
@@ -76,12 +83,14 @@ def write_spec(workdir: Path, name: str, sections: dict[str, Any], model: dict[s
     return path
 
 
-def launch(spec: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+def launch(spec: Path, env: dict[str, str], returning_memory: bool = True,
+           overrides: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     from launcher.metrics import read_metrics
     from tests.helpers import run_dir
 
-    done = subprocess.run([MESHYARD, "launch", str(spec)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **env, **MALLOC})
+    shutil.rmtree(run_dir(spec), ignore_errors=True)  # the timing launch reuses the memory launch's spec
+    done = subprocess.run([MESHYARD, "launch", str(spec), *overrides], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **env, **(MALLOC if returning_memory else {})})
     if done.returncode:
         raise SystemExit(f"{spec.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return read_metrics(run_dir(spec))
@@ -110,6 +119,8 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
     estimate, predicted = session.estimate, step_time(session)
     assert not isinstance(estimate, str), estimate
     records = launch(spec, env)
+    load_before = os.getloadavg()[0]
+    timed = launch(spec, env, returning_memory=False, overrides=("--set", f"training.max_steps={TIMED_STEPS}"))
     baseline = footprint(workdir, sections, tiny, env, baselines)
     last, rank = records[-1], estimate.ranks[0]
     return {
@@ -120,7 +131,14 @@ def run(workdir: Path, name: str, env: dict[str, str], baselines: dict[str, int]
         "measured_peak_bytes": last["peak_rss_bytes"] - baseline, "baseline_peak_rss_bytes": baseline,
         "measured_model_state_bytes": {k: last[f"mem_{k}_bytes"] for k in ("params", "grads", "optim")},
         "predicted_step_time_s": predicted.predicted_step_time_s if isinstance(predicted, StepTime) else None,
-        "measured_step_time_s": statistics.median(r["step_time_s"] for r in records[1:]),
+        "predicted_step_time_parts_s": {**predicted.parts, "optimizer": predicted.optimizer_s}
+        if isinstance(predicted, StepTime) else None,
+        "measured_step_time_s": statistics.median(r["step_time_s"] for r in timed[1:]),
+        "measured_step_time_returning_memory_s": statistics.median(r["step_time_s"] for r in records[1:]),
+        "timing_allocator_env": session.plan.allocator_env,  # what the timing launch's ranks got, as planned
+        # other work on the machine slows the measured steps (and the calibration) unevenly: the
+        # 1-minute load average around the timing launch says how quiet it was (2 ranks alone: ~2)
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "mfu": last.get("mfu"),
     }
 
@@ -145,7 +163,8 @@ def main(names: list[str]) -> None:
             print(f"{name:12s} peak est {row['estimated_peak_bytes'] / 2**20:7.1f} MiB measured"
                   f" {row['measured_peak_bytes'] / 2**20:7.1f} MiB ({100 * row['memory_error']:+.0f}%)  step est"
                   f" {1000 * (row['predicted_step_time_s'] or 0):.0f} ms measured"
-                  f" {1000 * row['measured_step_time_s']:.0f} ms", flush=True)
+                  f" {1000 * row['measured_step_time_s']:.0f} ms ({100 * row.get('step_time_error', 0):+.0f}%;"
+                  f" returning memory {1000 * row['measured_step_time_returning_memory_s']:.0f} ms)", flush=True)
     if names:
         return  # a subset: the results file holds every configuration
     RESULTS.mkdir(parents=True, exist_ok=True)

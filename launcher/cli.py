@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser(
         "calibrate", help="measure this machine's matmul FLOP/s per process and collective bandwidth, for the"
                           " plan's predicted step time and the metrics' MFU",
-        description="start N processes on this machine, measure what one rank gets (matmul FLOP/s in fp32 and"
-                    " bf16, memory bandwidth, collective bandwidth over the backend) and store it per host in"
-                    " $XDG_CACHE_HOME/meshyard (default ~/.cache/meshyard)")
+        description="start N processes on this machine, measure what one rank gets (matmul and attention FLOP/s"
+                    " in fp32 and bf16, elementwise bandwidth, per-op overhead, collective bandwidth over the"
+                    " backend, tensor-parallel and FSDP2 overhead) and store it per host in $XDG_CACHE_HOME/meshyard"
+                    " (default ~/.cache/meshyard)")
     calibrate.add_argument("--procs", type=int, nargs="+", default=[2], metavar="N",
                            help="world sizes to measure, e.g. --procs 1 2 4 (default 2); the plan uses its own")
     calibrate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from launcher.buffers import buffer_work
 from launcher.memory import optimizer_state_bytes_per_param
+from launcher.opcount import Work, optimizer_work
 from launcher.plan import Plan
 from launcher.recompute import Recompute, recompute
 from launcher.shards import PartCounts, ceil_div, count_part, pipeline_parts
@@ -39,6 +41,13 @@ class RankEstimate:
     buffer_bytes: int  # communication buffers (buckets, all-gathered parameters, pipeline receive buffers)
     flops_per_step: int | None
     collective_bytes: dict[str, int] = field(default_factory=dict)  # payload per step, by collective
+    work: Work | None = None  # kernels of its forwards and backwards per step (launcher/opcount.py); None: not traced
+    optimizer_work: Work | None = None  # kernels of its optimizer step over the parameters it updates
+    buffer_work: Work | None = None  # copies into and out of communication buffers, and their allocations
+    # per step: tensor-parallel linears run ("tp_linear") and FSDP2 units gathered ("fsdp_unit"), each
+    # forward and backward of one micro-batch; and whether its parameters are DTensors (FSDP2, tensor parallel)
+    parallel_calls: dict[str, int] = field(default_factory=dict)
+    dtensor_params: bool = False
     # Gradients are freed after every step (zero_grad(set_to_none=True)) and grow in backward as the
     # activations are freed, so the two coexist only when gradients outlive a micro-batch:
     # accumulation, or a pipeline holding later micro-batches' activations after an earlier backward.
@@ -111,14 +120,25 @@ def element_bytes(spec: JobSpec, plan: Plan) -> tuple[int, int, int]:
     return 4, 4, o
 
 
+def gathered_bytes(spec: JobSpec, plan: Plan) -> int:
+    """Bytes per element of the parameters ZeRO-2/3 gathers: FSDP2's bf16 MixedPrecisionPolicy
+    gathers them in bf16 (strategies/fsdp.py), otherwise as stored."""
+    if plan.strategy == "zero" and spec.training.precision == "bf16":
+        return 2
+    return element_bytes(spec, plan)[0]
+
+
 def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]:
     """Bytes of weights, gradients, optimizer state and communication buffers of one rank, and the
     payload its collectives move per step (the activation-sized parts come from the trace)."""
     pb, gb, ob = element_bytes(spec, plan)
     full, accum, dp = counts.local, plan.grad_accum_steps, plan.dp_degree
     p_full, g_full = full * pb, full * gb
+    ab = gathered_bytes(spec, plan)
     stage = plan.zero_stage or 0
-    replicated = {"params": full, "param_bytes": p_full, "grad_bytes": g_full, "optimizer_bytes": full * ob}
+    # "stepped": the elements of each parameter tensor this rank's optimizer updates
+    replicated = {"params": full, "param_bytes": p_full, "grad_bytes": g_full, "optimizer_bytes": full * ob,
+                  "stepped": counts.sizes}
     if plan.strategy == "single" or dp == 1:
         return {**replicated, "buffer_bytes": 0, "collectives": {}}
     if plan.strategy == "ddp" or (plan.strategy == "deepspeed" and stage == 0):
@@ -128,6 +148,7 @@ def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]
         return {**replicated, "buffer_bytes": g_full, "collectives": {"all_reduce": g_full}}
     if plan.strategy == "zero" and stage == 1:
         return {**replicated, "optimizer_bytes": counts.zero1_partition * ob, "buffer_bytes": g_full,
+                "stepped": counts.zero1_sizes,
                 "collectives": {"all_reduce": g_full, "broadcast": p_full}}
     shard = counts.fsdp_shard if plan.strategy == "zero" else ceil_div(full, dp)
     # Under accumulation FSDP2 keeps unsharded gradients between micro-batches (no sync until the last).
@@ -137,15 +158,18 @@ def model_state(spec: JobSpec, plan: Plan, counts: PartCounts) -> dict[str, Any]
     if stage == 2 and plan.strategy == "zero":
         # parameters stay unsharded from forward to the end of backward; one layer's gradient before reduce-scatter
         return {"params": shard, "param_bytes": shard * pb, "grad_bytes": grads, "optimizer_bytes": shard * ob,
-                "buffer_bytes": p_full + largest * gb,
-                "collectives": {"all_gather": accum * p_full, "reduce_scatter": g_full}}
+                "stepped": counts.fsdp_sizes, "buffer_bytes": full * ab + largest * gb,
+                "collectives": {"all_gather": accum * full * ab, "reduce_scatter": g_full}}
     if stage == 3:
         # the root's parameters (not resharded after forward) and the largest layer's, gathered; its gradient
         return {"params": shard, "param_bytes": shard * pb, "grad_bytes": grads, "optimizer_bytes": shard * ob,
-                "buffer_bytes": (root + largest) * pb + max(root, largest) * gb,
-                "collectives": {"all_gather": accum * (2 * (full - root) + root) * pb, "reduce_scatter": g_full}}
+                # FSDP2 steps a shard of every tensor, DeepSpeed one flat partition
+                "stepped": counts.fsdp_sizes if plan.strategy == "zero" else (shard,),
+                "buffer_bytes": (root + largest) * ab + max(root, largest) * gb,
+                "collectives": {"all_gather": accum * (2 * (full - root) + root) * ab, "reduce_scatter": g_full}}
     # DeepSpeed stages 1 and 2: flat optimizer (and stage 2 gradient) partitions, gradient-sized buckets
-    return {**replicated, "optimizer_bytes": shard * ob, "grad_bytes": shard * gb if stage == 2 else g_full,
+    return {**replicated, "optimizer_bytes": shard * ob, "stepped": (shard,),
+            "grad_bytes": shard * gb if stage == 2 else g_full,
             "buffer_bytes": g_full, "collectives": {"reduce_scatter": g_full, "all_gather": p_full}}
 
 
@@ -158,6 +182,11 @@ def _stage_segments(plan: Plan, num_layers: int) -> list[list[int]]:
     last = layout.num_stages - 1
     return [([0] if s == 0 else []) + [i + 1 for i in blocks] + ([num_layers + 1] if s == last else [])
             for s, blocks in enumerate(ranges)]
+
+
+def pipeline_microbatches(plan: Plan) -> int:
+    """Pipeline micro-batches each micro-batch of the spec is cut into (1 without a pipeline)."""
+    return plan.layout.microbatches if plan.layout is not None and plan.pp_degree > 1 else 1
 
 
 def in_flight(plan: Plan, pipeline_rank: int) -> int:
@@ -179,7 +208,7 @@ def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: 
     (`ac`: activation checkpointing's saved bytes and recompute, launcher/recompute.py)."""
     n = len(local.boundary_bytes)
     segments = _stage_segments(plan, n)
-    m = plan.layout.microbatches if plan.layout is not None and plan.pp_degree > 1 else 1
+    m = pipeline_microbatches(plan)
     steps = m * plan.grad_accum_steps  # traced forwards per optimizer step
     per_stage = [sum(ac.saved_bytes[i] for i in segments[s]) for s in stages]
     chunks = in_flight(plan, pipeline_rank)
@@ -194,10 +223,15 @@ def traced_rank(plan: Plan, pipeline_rank: int, stages: tuple[int, ...], local: 
     forward = sum(local.forward_flops)
     share = sum(local.forward_flops[i] for i in mine) / forward if forward else 1.0
     collectives = {"all_reduce_tp": steps * sum(local.tp_bytes[i] for i in mine), "send_recv": sends}
+    tp_linears = steps * sum(local.tp_linears[i] for i in mine)
     activations = chunks * sum(per_stage) // len(per_stage) + ac.peak_recompute_bytes(mine)
     recomputed = steps * sum(ac.recompute_flops[i] for i in mine)
+    # the stage's share of the kernels (as of the FLOPs), and the checkpointed layers' forwards again
+    work = local.work.scaled(share * steps) + sum((ac.recompute_work[i] for i in mine), Work()).scaled(steps)
     return {"activation_bytes": activations, "micro_batches_in_flight": chunks,
             "buffer_bytes": buffers, "flops_per_step": int(local.flops * share * steps) + recomputed,
+            "work": work, "parallel_calls": {"tp_linear": tp_linears} if tp_linears else {},
+            "tp_call_bytes": collectives["all_reduce_tp"] // tp_linears if tp_linears else 0,
             "collectives": {op: size for op, size in collectives.items() if size}}
 
 
@@ -227,7 +261,7 @@ def build_estimate(spec: JobSpec, plan: Plan, train_set: Any, trace: bool = True
     parts = [count_part(stages, part, layers, tp_styles, plan.tp_degree, plan.dp_degree)
              for stages, part in pipeline_parts(model, plan.layout, path)]
     total = sum(p.numel() for p in model.parameters())
-    m = plan.layout.microbatches if plan.layout is not None and plan.pp_degree > 1 else 1
+    m = pipeline_microbatches(plan)
     samples = plan.micro_batch_size // m
     cache = traces if traces is not None else {}
     key = (plan.tp_degree, samples)
@@ -257,7 +291,11 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
     ac = spec.training.activation_checkpointing
     traced = traced_rank(plan, rank, counts.stages, local, recompute(local, ac)) if local is not None else {
         "activation_bytes": None, "micro_batches_in_flight": in_flight(plan, rank), "buffer_bytes": 0,
-        "flops_per_step": None, "collectives": {}}
+        "flops_per_step": None, "work": None, "parallel_calls": {}, "tp_call_bytes": 0, "collectives": {}}
+    fsdp = plan.strategy == "zero" and (plan.zero_stage or 0) >= 2 and plan.dp_degree > 1
+    steps = plan.grad_accum_steps * pipeline_microbatches(plan)
+    # FSDP2 units: each layer it holds and the root, gathered (and reduce-scattered) for every micro-batch
+    calls = {**traced["parallel_calls"], **({"fsdp_unit": (len(counts.layers) + 1) * steps} if fsdp else {})}
     collectives = {op: state["collectives"].get(op, 0) + traced["collectives"].get(op, 0)
                    for op in (*state["collectives"], *traced["collectives"])}
     return RankEstimate(
@@ -265,7 +303,11 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
         grad_bytes=state["grad_bytes"], optimizer_bytes=state["optimizer_bytes"],
         activation_bytes=traced["activation_bytes"], micro_batches_in_flight=traced["micro_batches_in_flight"],
         buffer_bytes=state["buffer_bytes"] + traced["buffer_bytes"], flops_per_step=traced["flops_per_step"],
-        collective_bytes=collectives, grads_meet_activations=plan.grad_accum_steps > 1 or plan.pp_degree > 1)
+        collective_bytes=collectives, work=traced["work"],
+        optimizer_work=optimizer_work(spec.optimizer, state["stepped"]),
+        buffer_work=buffer_work(plan, counts, collectives, gathered_bytes(spec, plan), traced["tp_call_bytes"]),
+        parallel_calls=calls, dtensor_params=fsdp or plan.tp_degree > 1,
+        grads_meet_activations=plan.grad_accum_steps > 1 or plan.pp_degree > 1)
 
 
 def _sample_batch(train_set: Any, samples: int, collate: Any) -> Any:

@@ -41,10 +41,20 @@ class Measured:
     threads_per_rank: int
     device: str  # "cpu" or the GPU's name
     matmul_flops_per_s: dict[str, float]  # per process, by precision (fp32, bf16)
-    memory_bytes_per_s: float  # per process: elementwise traffic (what an optimizer step does)
     collective_bytes_per_s: dict[str, float]  # payload per second: all_reduce, all_gather, reduce_scatter, ...
     torch_version: str
     measured_at: str
+    # "fp32/forward" -> {sequence length: counted FLOPs per second} of causal attention (head dim 64)
+    attention_flops_per_s: dict[str, dict[str, float]]
+    # "fp32/light" (add), "fp32/heavy" (gelu), "bf16/light", ... on operands from memory; "fp32/light/cached", ...
+    # on operands in the caches
+    elementwise_bytes_per_s: dict[str, float]
+    # bytes of newly mapped memory faulted in per second as they are first written (CPU; inf on GPUs)
+    first_touch_bytes_per_s: float
+    op_overhead_s: float  # per op dispatched: Python, modules, dispatcher, autograd
+    # added per tensor-parallel linear ("tp_linear") and FSDP2 unit ("fsdp_unit") per micro-batch, and per
+    # optimizer op on DTensor parameters ("dtensor_op"); empty at world size 1
+    parallel_overhead_s: dict[str, float]
 
     @property
     def key(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from launcher.opcount import Work
 from launcher.trace import Trace
 from strategies.checkpointing import layer_interval
 
@@ -22,6 +23,7 @@ class Recompute:
     saved_bytes: tuple[int, ...]  # a checkpointed layer: its input; every other segment: as traced
     recompute_bytes: tuple[int, ...]  # a checkpointed layer's traced saved bytes, live while it recomputes
     recompute_flops: tuple[int, ...]  # a checkpointed layer's forward, run again in backward
+    recompute_work: tuple[Work, ...]  # the kernels of that forward (launcher/opcount.py)
 
     def peak_recompute_bytes(self, segments: list[int]) -> int:
         """The largest recompute among `segments` (one layer at a time)."""
@@ -34,9 +36,10 @@ def recompute(trace: Trace, policy: str) -> Recompute:
     checkpointed = {i + 1 for i in range(len(trace.input_bytes)) if interval and (i + 1) % interval == 0}
     none = (0,) * len(trace.saved_bytes)
     if not checkpointed:
-        return Recompute(trace.saved_bytes, none, none)
+        return Recompute(trace.saved_bytes, none, none, (Work(),) * len(none))
     return Recompute(
         saved_bytes=tuple(trace.input_bytes[i - 1] if i in checkpointed else size
                           for i, size in enumerate(trace.saved_bytes)),
         recompute_bytes=tuple(size if i in checkpointed else 0 for i, size in enumerate(trace.saved_bytes)),
-        recompute_flops=tuple(flops if i in checkpointed else 0 for i, flops in enumerate(trace.forward_flops)))
+        recompute_flops=tuple(flops if i in checkpointed else 0 for i, flops in enumerate(trace.forward_flops)),
+        recompute_work=tuple(work if i in checkpointed else Work() for i, work in enumerate(trace.forward_work)))

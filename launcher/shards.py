@@ -23,10 +23,23 @@ class PartCounts:
     """Parameter elements of one pipeline rank's part of the model (the whole model without a pipeline)."""
 
     stages: tuple[int, ...]
-    local: int  # after the pipeline split and tensor parallel
-    fsdp_shard: int  # its FSDP2 dim-0 chunks on data-parallel rank 0
-    zero1_partition: int  # the largest ZeroRedundancyOptimizer partition (whole tensors)
+    sizes: tuple[int, ...]  # elements of each parameter tensor, after the pipeline split and tensor parallel
+    fsdp_sizes: tuple[int, ...]  # its FSDP2 dim-0 chunk of each on data-parallel rank 0
+    zero1_sizes: tuple[int, ...]  # the tensors of the largest ZeroRedundancyOptimizer partition
     layers: tuple[int, ...]  # elements of each repeated layer it holds (FSDP's units besides the root)
+    units: tuple[tuple[int, ...], ...]  # FSDP2's units: the `sizes` of each layer held, then of the root (the rest)
+
+    @property
+    def local(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def fsdp_shard(self) -> int:
+        return sum(self.fsdp_sizes)
+
+    @property
+    def zero1_partition(self) -> int:
+        return sum(self.zero1_sizes)
 
 
 def pipeline_parts(model: nn.Module, layout: MeshLayout | None, layers_path: str | None
@@ -58,12 +71,13 @@ def fsdp_chunk(shape: tuple[int, ...], dp: int) -> int:
     return ceil_div(shape[0], dp) * math.prod(shape[1:])
 
 
-def greedy_partition(sizes: list[int], dp: int) -> int:
-    """ZeroRedundancyOptimizer's partition: largest tensor first, each to the least loaded rank; the largest load."""
-    loads = [0] * dp
+def greedy_partition(sizes: list[int], dp: int) -> tuple[int, ...]:
+    """ZeroRedundancyOptimizer's partition: largest tensor first, each to the least loaded rank; the
+    tensors of the most loaded rank."""
+    parts: list[list[int]] = [[] for _ in range(dp)]
     for size in sorted(sizes, reverse=True):
-        loads[loads.index(min(loads))] += size
-    return max(loads)
+        min(parts, key=sum).append(size)
+    return tuple(max(parts, key=sum))
 
 
 def count_part(stages: tuple[int, ...], part: nn.Module, layers: nn.ModuleList | None, tp_styles: dict[str, str],
@@ -73,8 +87,13 @@ def count_part(stages: tuple[int, ...], part: nn.Module, layers: nn.ModuleList |
     held = {id(p) for p in params.values()}
     layer_sizes = tuple(sum(p.numel() for p in layer.parameters()) for layer in layers or ()
                         if any(id(p) in held for p in layer.parameters()))
+    names = {id(p): name for name, p in params.items()}
+    in_layers = [[names[id(p)] for p in layer.parameters() if id(p) in names] for layer in layers or ()]
+    rest = set(params) - {name for unit in in_layers for name in unit}
+    units = (*(tuple(local[name] for name in unit) for unit in in_layers if unit),
+             tuple(local[name] for name in sorted(rest)))
     return PartCounts(
-        stages=stages, local=sum(local.values()),
-        fsdp_shard=sum(fsdp_chunk(tuple(p.shape), dp) for p in params.values()),
-        zero1_partition=greedy_partition(list(local.values()), dp), layers=layer_sizes,
+        stages=stages, sizes=tuple(local.values()),
+        fsdp_sizes=tuple(fsdp_chunk(tuple(p.shape), dp) for p in params.values()),
+        zero1_sizes=greedy_partition(list(local.values()), dp), layers=layer_sizes, units=units,
     )

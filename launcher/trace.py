@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from launcher.opcount import Work, WorkCounter, storage_key
 from strategies.batch import BatchFeed, LossFn, tree_map
 
 if TYPE_CHECKING:
@@ -33,10 +34,13 @@ class Trace:
 
     saved_bytes: tuple[int, ...]  # bytes of the tensors saved for backward (parameters excluded)
     forward_flops: tuple[int, ...]
+    forward_work: tuple[Work, ...]  # each segment's forward kernels (what a checkpointed layer runs again)
     flops: int  # forward + backward
     boundary_bytes: tuple[int, ...]  # bytes of each layer's output (what a pipeline stage sends on)
     input_bytes: tuple[int, ...]  # bytes of each layer's input (what a checkpointed layer keeps for backward)
     tp_bytes: tuple[int, ...]  # payload of tensor-parallel all-reduces (forward and backward)
+    tp_linears: tuple[int, ...]  # tensor-parallel layers run (each pays DTensor overhead forward and backward)
+    work: Work  # the kernels of forward + backward, for the predicted step time
 
     @property
     def activation_bytes(self) -> int:
@@ -88,17 +92,6 @@ def flop_counter() -> Any:
     })
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
-    """(identity of the storage, its bytes): views of one storage hold its memory once."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    try:
-        storage = tensor.untyped_storage()
-        return StorageWeakRef(storage).cdata, storage.nbytes()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without a plain storage
-        return id(tensor), tensor.numel() * tensor.element_size()
-
-
 def _first_tensor_bytes(value: Any) -> int:
     found: list[torch.Tensor] = []
     tree_map(found.append, value)
@@ -106,15 +99,17 @@ def _first_tensor_bytes(value: Any) -> int:
 
 
 class _Segments:
-    """Which segment the forward is in, and the forward FLOPs counted in each."""
+    """Which segment the forward is in, and the forward FLOPs and kernel work counted in each."""
 
-    def __init__(self, count: int, total_flops: Callable[[], int]) -> None:
+    def __init__(self, count: int, total_flops: Callable[[], int], total_work: Callable[[], Work]) -> None:
         self.current, self.flops, self._total, self._mark = 0, [0] * count, total_flops, 0
+        self.work, self._total_work, self._work_mark = [Work()] * count, total_work, Work()
 
     def enter(self, segment: int) -> None:
-        total = self._total()
+        total, work = self._total(), self._total_work()
         self.flops[self.current] += total - self._mark
-        self.current, self._mark = segment, total
+        self.work[self.current] += work - self._work_mark
+        self.current, self._mark, self._work_mark = segment, total, work
 
 
 @contextlib.contextmanager
@@ -136,13 +131,14 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     blocks = list(layers) if layers is not None else []
     n = len(blocks)
     counter = flop_counter()
-    segments = _Segments(n + 2, counter.get_total_flops)
-    boundary, inputs, tp_bytes = [0] * n, [0] * n, [0] * (n + 2)
-    weights = {_storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
+    work = WorkCounter(counter.flop_registry)
+    segments = _Segments(n + 2, counter.get_total_flops, lambda: work.work)
+    boundary, inputs, tp_bytes, tp_linears = [0] * n, [0] * n, [0] * (n + 2), [0] * (n + 2)
+    weights = {storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, tuple[int, int]] = {}  # storage -> (segment, bytes)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        key, size = _storage_key(tensor)
+        key, size = storage_key(tensor)
         if key not in weights and key not in saved:
             saved[key] = (segments.current, size)
         return tensor
@@ -158,6 +154,7 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             # row-wise: the output is all-reduced in forward; column-wise: its input's gradient in backward
             tp_bytes[segments.current] += _first_tensor_bytes(output if style == "rowwise" else args)
+            tp_linears[segments.current] += 1
         return hook
 
     def on_layer_start(index: int) -> Callable[..., None]:
@@ -171,7 +168,8 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     handles += [model.get_submodule(name).register_forward_hook(on_tp_layer(style))
                 for name, style in tp_styles.items()]
     try:
-        with mode, counter, _fake_tensor_log_quiet():
+        # the work counter below the flop counter: it sees the ops after their decomposition
+        with mode, work, counter, _fake_tensor_log_quiet():
             args, kwargs, target = feed.split(tree_map(mode.from_tensor, batch))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -186,5 +184,7 @@ def trace_micro_batch(model: nn.Module, batch: Any, mode: FakeTensorMode, feed: 
     per_segment = [0] * (n + 2)
     for segment, size in saved.values():
         per_segment[segment] += size
-    return Trace(saved_bytes=tuple(per_segment), forward_flops=tuple(segments.flops), flops=counter.get_total_flops(),
-                 boundary_bytes=tuple(boundary), input_bytes=tuple(inputs), tp_bytes=tuple(tp_bytes))
+    return Trace(saved_bytes=tuple(per_segment), forward_flops=tuple(segments.flops),
+                 forward_work=tuple(segments.work), flops=counter.get_total_flops(),
+                 boundary_bytes=tuple(boundary), input_bytes=tuple(inputs), tp_bytes=tuple(tp_bytes),
+                 tp_linears=tuple(tp_linears), work=work.work)

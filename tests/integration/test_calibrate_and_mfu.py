@@ -24,6 +24,9 @@ def test_calibrate_then_plan_predicts_and_a_launch_logs_mfu(tmp_path, capsys, mo
     profile = json.loads(next((cache / "meshyard").glob("profile-*.json")).read_text())
     entry = profile["entries"]["gloo/2"]
     assert entry["matmul_flops_per_s"]["fp32"] > 0 and entry["collective_bytes_per_s"]["all_gather"] > 0
+    assert entry["attention_flops_per_s"]["bf16/backward"]["64"] > 0 and entry["op_overhead_s"] > 0
+    kinds = {f"{p}/{kind}{where}" for p in ("fp32", "bf16") for kind in ("light", "heavy") for where in ("", "/cached")}
+    assert set(entry["elementwise_bytes_per_s"]) == kinds and entry["first_touch_bytes_per_s"] > 0
 
     spec = make_spec(tmp_path, "lm", model={"target": "launcher.models:transformer", "kwargs": {"n_layers": 2}},
                      data={"target": "launcher.data:char_corpus", "kwargs": {"n": 128, "seq_len": 16},

@@ -85,10 +85,14 @@ def test_without_a_profile_data_parallel_plans_rank_first_and_every_rejection_sa
 def test_a_machine_profile_ranks_by_predicted_step_time(tmp_path, capsys):
     # a slow all_reduce: the plans that all-reduce gradients (ddp, zero 1) become the slowest
     save_measured(Measured(backend="gloo", world_size=2, threads_per_rank=1, device="cpu",
-                           matmul_flops_per_s={"fp32": 1e10, "bf16": 4e10}, memory_bytes_per_s=1e9,
+                           matmul_flops_per_s={"fp32": 1e10, "bf16": 4e10},
                            collective_bytes_per_s={"all_reduce": 1e6, "all_gather": 1e9, "reduce_scatter": 1e9,
                                                    "broadcast": 1e9, "send_recv": 1e9},
-                           torch_version="x", measured_at="now"))
+                           torch_version="x", measured_at="now",
+                           attention_flops_per_s={"fp32/forward": {"64": 1e9}, "fp32/backward": {"64": 1e9}},
+                           elementwise_bytes_per_s={"fp32/light": 1e9, "fp32/heavy": 1e9, "fp32/light/cached": 1e9,
+                                                    "fp32/heavy/cached": 1e9},
+                           first_touch_bytes_per_s=1e9, op_overhead_s=0.0, parallel_overhead_s={}))
     assert main(["plan", str(lm_spec(tmp_path, 2, "1GiB", heads=4, layers=2)), "--explain"]) == 0
     text = capsys.readouterr().out
     assert "ranked by        predicted step time (machine profile gloo/2" in text

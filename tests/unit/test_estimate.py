@@ -10,7 +10,7 @@ from launcher.cli import main
 from launcher.estimate import build_estimate
 from launcher.profile import Measured, load_measured, peak_flops_per_s, save_measured
 from launcher.session import prepare
-from launcher.steptime import predict_step_time
+from launcher.steptime import attention_rate, predict_step_time
 from tests.helpers import make_spec
 
 V, D, L, T = 32, 64, 2, 128  # attention is ~25% of this transformer's FLOPs at this sequence length
@@ -57,6 +57,7 @@ def test_parameters_per_rank_follow_each_sharding(tmp_path):
 
     _, tp = estimate_of(spec, "parallel.tensor=2")
     assert tp.ranks[0].params == V * D + 32 * D + L * block_params(2) + 2 * D + D * V + V
+    assert tp.ranks[0].parallel_calls == {"tp_linear": 6 * L} and tp.ranks[0].dtensor_params  # q k v o fc1 fc2
 
     _, pp = estimate_of(spec, "parallel.pipeline=2")
     assert [r.params for r in pp.ranks] == [V * D + 32 * D + block_params(), block_params() + 2 * D + D * V + V]
@@ -120,22 +121,61 @@ def test_plan_prints_counts_and_bytes_per_rank_and_json_has_integer_bytes(tmp_pa
 def test_profile_round_trip_gpu_peaks_and_step_time(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     measured = Measured(backend="gloo", world_size=2, threads_per_rank=1, device="cpu",
-                        matmul_flops_per_s={"fp32": 1e10, "bf16": 4e10}, memory_bytes_per_s=1e9,
-                        collective_bytes_per_s={"all_reduce": 1e8}, torch_version="x", measured_at="now")
+                        matmul_flops_per_s={"fp32": 1e10, "bf16": 4e10},
+                        collective_bytes_per_s={"all_reduce": 1e8, "all_gather": 2e8, "reduce_scatter": 1e8},
+                        torch_version="x", measured_at="now",
+                        attention_flops_per_s={"fp32/forward": {"64": 1e9, "256": 4e9},
+                                               "fp32/backward": {"64": 5e8, "256": 5e8}},
+                        elementwise_bytes_per_s={"fp32/light": 2e9, "fp32/heavy": 5e8, "fp32/light/cached": 4e9,
+                                                 "fp32/heavy/cached": 1e9}, first_touch_bytes_per_s=1e8,
+                        op_overhead_s=1e-5,
+                        parallel_overhead_s={"tp_linear": 1e-4, "fsdp_unit": 2e-4, "dtensor_op": 3e-5})
     assert save_measured(measured).parent == tmp_path / "cache" / "meshyard"
     assert load_measured("gloo", 2) == measured and load_measured("gloo", 4) is None
     assert peak_flops_per_s("cpu", "bf16", "gloo", 2) == (4e10, "calibrated (gloo/2, now)")
     assert peak_flops_per_s("NVIDIA H100 80GB HBM3", "bf16", "nccl", 8)[0] == 989e12
     assert peak_flops_per_s("NVIDIA A100-SXM4-40GB", "fp32", "nccl", 8)[0] == 19.5e12
     assert peak_flops_per_s("Some New GPU", "bf16", "nccl", 8) is None
+    # attention between calibrated lengths: interpolated in log length; outside them: the nearest
+    assert [attention_rate(measured, f"fp32/forward/{n}") for n in (32, 128, 1024)] == pytest.approx([1e9, 2e9, 4e9])
 
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1024")  # the user's, for the ranks' glibc (launcher/allocator.py)
     plan, estimate = estimate_of(make_spec(tmp_path, resources={"procs_per_node": 2}))
     step = predict_step_time(estimate, plan, "fp32")
     rank = estimate.ranks[0]
-    assert step.compute_s == pytest.approx(rank.flops_per_step / 1e10)
-    assert step.communication_s == pytest.approx(rank.collective_bytes["all_reduce"] / 1e8)
-    assert step.optimizer_s == pytest.approx((2 * rank.param_bytes + rank.grad_bytes + 2 * rank.optimizer_bytes) / 1e9)
+    work = rank.work
+    assert work.flops == pytest.approx(rank.flops_per_step) and work.attention_flops == {}  # an MLP
+    parts = step.parts
+    assert parts["matmul"] == pytest.approx(work.matmul_flops["fp32"] / 1e10)
+    assert parts["elementwise"] == pytest.approx(work.elementwise_bytes["fp32/light"] / 2e9
+                                                 + work.elementwise_bytes.get("fp32/heavy", 0) / 5e8)
+    assert parts["op_overhead"] == pytest.approx(work.ops * 1e-5) and parts["pipeline_bubble"] == 0
+    # the allocations the ranks' glibc maps anew (at or above its threshold) fault in at the first-touch rate
+    assert parts["first_touch"] == pytest.approx(work.first_touch_bytes(1024) / 1e8) and parts["first_touch"] > 0
+    assert step.compute_s == pytest.approx(parts["matmul"] + parts["elementwise"] + parts["first_touch"]
+                                           + parts["op_overhead"])
+    payload = rank.collective_bytes["all_reduce"]
+    assert step.communication_s == pytest.approx(payload / 1e8 + 6 * payload / 2e9)  # DDP's three bucket passes
+    optimizer = rank.optimizer_work
+    assert step.optimizer_s == pytest.approx(optimizer.elementwise_bytes["fp32/light"] / 4e9  # in the caches
+                                             + optimizer.elementwise_bytes["fp32/heavy"] / 1e9 + optimizer.ops * 1e-5
+                                             + optimizer.first_touch_bytes(1024) / 1e8)
     assert step.predicted_step_time_s == pytest.approx(step.compute_s + step.communication_s + step.optimizer_s)
+    assert "compute = matmul " in step.describe() and set(step.to_dict()["parts"]) == set(parts)
+
+    # ZeRO-3 (FSDP2): each unit (the MLP's layers and the root) pays its overhead; optimizer ops run on DTensors
+    plan, estimate = estimate_of(make_spec(tmp_path, resources={"procs_per_node": 2}), "strategy.name=zero",
+                                 "strategy.stage=3")
+    zero3, rank = predict_step_time(estimate, plan, "fp32"), estimate.ranks[0]
+    units = rank.parallel_calls["fsdp_unit"]
+    assert units == 2 + 1 and rank.dtensor_params  # depth 2, one micro-batch per step
+    assert zero3.parts["parallel_overhead"] == pytest.approx(units * 2e-4)
+    assert zero3.optimizer_s - step.optimizer_s > rank.optimizer_work.ops * 3e-5 * 0.99
+    # FSDP2's copies in and out of the buffers it allocates (launcher/buffers.py; counted in test_buffers.py)
+    gathered, scattered = rank.collective_bytes["all_gather"], rank.collective_bytes["reduce_scatter"]
+    copies = rank.buffer_work
+    assert zero3.communication_s == pytest.approx(gathered / 2e8 + scattered / 1e8 + copies.elementwise_bytes[
+        "fp32/light"] / 2e9 + copies.first_touch_bytes(1024) / 1e8)
 
 
 @pytest.mark.parametrize("argv,message", [(["--procs", "0"], "error: --procs 0: allowed 1 to 256"),
@@ -148,6 +188,19 @@ def test_calibrate_refuses_bad_arguments_in_one_line(capsys, argv, message):
     assert main(["calibrate", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+def test_calibrate_gives_the_ranks_their_environment_only_while_they_start(monkeypatch):
+    import os
+
+    from launcher.calibrate import _environment
+
+    # `calibrate --procs 1 2` once measured 2 ranks x 2 threads: the 1-process run's OMP_NUM_THREADS stayed behind
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with _environment({"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}):
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+    assert os.environ["OMP_NUM_THREADS"] == "3" and "MALLOC_MMAP_THRESHOLD_" not in os.environ
 
 
 def traced(spec_path, *overrides):
@@ -175,6 +228,12 @@ def test_activation_checkpointing_keeps_layer_inputs_and_recomputes_one_layer_at
     assert extra == sum(trace.forward_flops[1:-1])
     assert extra == pytest.approx(4 * T * L * (2 * 12 * D * D + 4 * T * D), rel=0.10)
     assert full.flops_per_step == none.flops_per_step  # model FLOPs (MFU) do not count the recompute
+    # the step time prices the recompute: the layers' forward kernels once more, counted per layer in the trace
+    recomputed = full.ranks[0].work - none.ranks[0].work
+    assert recomputed.flops == pytest.approx(extra) and recomputed.ops == sum(w.ops for w in trace.forward_work[1:-1])
+    assert recomputed.elementwise_bytes == pytest.approx(
+        {k: sum(w.elementwise_bytes.get(k, 0) for w in trace.forward_work[1:-1]) for k in recomputed.elementwise_bytes})
+    assert sum(w.ops for w in trace.forward_work) < none.ranks[0].work.ops  # the backward's are not in it
 
     # every_2 checkpoints the 2nd of the 2 layers: it keeps its input, and its activations come back in backward
     _, every_2, _ = traced(spec, "training.activation_checkpointing=every_2")
