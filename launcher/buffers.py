@@ -29,16 +29,15 @@ def buffer_work(plan: Plan, counts: PartCounts, collectives: dict[str, int], gat
     dp = plan.dp_degree
     light: dict[str, float] = defaultdict(float)
     allocated: dict[str, float] = defaultdict(float)
-    fsdp = plan.strategy == "zero" and (plan.zero_stage or 0) >= 2
     for op, payload in collectives.items():
         if op == "all_reduce":
             light["fp32/light"] += 6 * payload
         elif op == "all_reduce_tp":
             light["fp32/light"] += 2 * payload
             allocated[str(tp_call_bytes)] += payload
-        elif op in ("all_gather", "reduce_scatter") and not fsdp:
+        elif op in ("all_gather", "reduce_scatter") and not plan.fsdp_sharded:
             light["fp32/light"] += (2 + 2 / dp) * payload
-    if fsdp and dp > 1:
+    if plan.fsdp_sharded:
         kind = "bf16/light" if gathered_bytes == 2 else "fp32/light"
         for index, sizes in enumerate(counts.units):
             root = index == len(counts.units) - 1

@@ -123,7 +123,7 @@ def element_bytes(spec: JobSpec, plan: Plan) -> tuple[int, int, int]:
 def gathered_bytes(spec: JobSpec, plan: Plan) -> int:
     """Bytes per element of the parameters ZeRO-2/3 gathers: FSDP2's bf16 MixedPrecisionPolicy
     gathers them in bf16 (strategies/fsdp.py), otherwise as stored."""
-    if plan.strategy == "zero" and spec.training.precision == "bf16":
+    if plan.fsdp_sharded and spec.training.precision == "bf16":
         return 2
     return element_bytes(spec, plan)[0]
 
@@ -292,10 +292,10 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
     traced = traced_rank(plan, rank, counts.stages, local, recompute(local, ac)) if local is not None else {
         "activation_bytes": None, "micro_batches_in_flight": in_flight(plan, rank), "buffer_bytes": 0,
         "flops_per_step": None, "work": None, "parallel_calls": {}, "tp_call_bytes": 0, "collectives": {}}
-    fsdp = plan.strategy == "zero" and (plan.zero_stage or 0) >= 2 and plan.dp_degree > 1
     steps = plan.grad_accum_steps * pipeline_microbatches(plan)
     # FSDP2 units: each layer it holds and the root, gathered (and reduce-scattered) for every micro-batch
-    calls = {**traced["parallel_calls"], **({"fsdp_unit": (len(counts.layers) + 1) * steps} if fsdp else {})}
+    units = {"fsdp_unit": (len(counts.layers) + 1) * steps} if plan.fsdp_sharded else {}
+    calls = {**traced["parallel_calls"], **units}
     collectives = {op: state["collectives"].get(op, 0) + traced["collectives"].get(op, 0)
                    for op in (*state["collectives"], *traced["collectives"])}
     return RankEstimate(
@@ -306,7 +306,7 @@ def _rank_estimate(spec: JobSpec, plan: Plan, rank: int, counts: PartCounts, loc
         collective_bytes=collectives, work=traced["work"],
         optimizer_work=optimizer_work(spec.optimizer, state["stepped"]),
         buffer_work=buffer_work(plan, counts, collectives, gathered_bytes(spec, plan), traced["tp_call_bytes"]),
-        parallel_calls=calls, dtensor_params=fsdp or plan.tp_degree > 1,
+        parallel_calls=calls, dtensor_params=plan.fsdp_sharded or plan.tp_degree > 1,
         grads_meet_activations=plan.grad_accum_steps > 1 or plan.pp_degree > 1)
 
 

@@ -48,6 +48,11 @@ class Plan:
     allocator_env: dict[str, str] = field(default_factory=dict)  # malloc settings in every rank's environment
     inferred: tuple[str, ...] = field(default=())
 
+    @property
+    def fsdp_sharded(self) -> bool:
+        """ZeRO-2/3 through FSDP2 over more than one data-parallel rank: parameters sharded, gathered per unit."""
+        return self.strategy == "zero" and self.zero_stage in (2, 3) and self.dp_degree > 1
+
     def describe(self) -> str:
         lines = [
             f"world size       {self.world_size} = {self.nodes} node(s) x {self.procs_per_node} process(es)",
